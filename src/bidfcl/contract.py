@@ -1,0 +1,313 @@
+"""The data contract: one dataset folder, its metadata, and the typed view every stage uses.
+
+A dataset folder holds ``meta.json``, ``obs.parquet``, ``rct_train.parquet``,
+``rct_val.parquet``, ``rct_test.parquet`` and, for simulated data, ``truth.parquet``.
+Everything downstream (validation, training, evaluation) reads data through this module,
+so the column names and the rules about them live in exactly one place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+META_FILE = "meta.json"
+TRUTH_FILE = "truth.parquet"
+OBS = "obs"
+RCT_TRAIN = "rct_train"
+RCT_VAL = "rct_val"
+RCT_TEST = "rct_test"
+TABLES: tuple[str, ...] = (OBS, RCT_TRAIN, RCT_VAL, RCT_TEST)
+RCT_TABLES: tuple[str, ...] = (RCT_TRAIN, RCT_VAL, RCT_TEST)
+
+USER_ID = "user_id"
+TREATMENT = "treatment"
+REVENUE = "revenue"
+COST = "cost"
+PROPENSITY = "propensity"
+OUTCOME_COLUMNS: tuple[str, ...] = (REVENUE, COST)
+
+
+def table_file(table: str) -> str:
+    """File name of a table inside a dataset folder."""
+    return f"{table}.parquet"
+
+
+def truth_revenue_columns(n_treatments: int) -> list[str]:
+    return [f"revenue_{j}" for j in range(n_treatments)]
+
+
+def truth_cost_columns(n_treatments: int) -> list[str]:
+    return [f"cost_{j}" for j in range(n_treatments)]
+
+
+class DataContractError(ValueError):
+    """A dataset folder does not follow the contract; the message names the file and rule."""
+
+
+@dataclass(frozen=True)
+class DatasetMeta:
+    """Contents of ``meta.json``. Unknown keys are kept in ``extra`` and written back."""
+
+    n_treatments: int
+    treatment_names: list[str]
+    feature_columns: list[str]
+    source: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    REQUIRED_KEYS = ("n_treatments", "treatment_names", "feature_columns", "source")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "n_treatments": self.n_treatments,
+            "treatment_names": list(self.treatment_names),
+            "feature_columns": list(self.feature_columns),
+            "source": self.source,
+            **self.extra,
+        }
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], origin: str = META_FILE) -> DatasetMeta:
+        missing = [k for k in cls.REQUIRED_KEYS if k not in raw]
+        if missing:
+            raise DataContractError(f"{origin}: missing required key(s) {missing}")
+        extra = {k: v for k, v in raw.items() if k not in cls.REQUIRED_KEYS}
+        return cls(
+            n_treatments=int(raw["n_treatments"]),
+            treatment_names=[str(n) for n in raw["treatment_names"]],
+            feature_columns=[str(c) for c in raw["feature_columns"]],
+            source=str(raw["source"]),
+            extra=extra,
+        )
+
+    @property
+    def row_columns(self) -> list[str]:
+        """Columns every table row carries, in canonical order."""
+        return [USER_ID, *self.feature_columns, TREATMENT, REVENUE, COST, PROPENSITY]
+
+
+@dataclass(frozen=True)
+class LoggedData:
+    """One logged table as tensors: the single type passed between policies and evaluation.
+
+    ``propensity`` is NaN where the logging probability is unknown (possible for OBS).
+    """
+
+    user_id: torch.Tensor  # int64 (N,)
+    x: torch.Tensor  # float32 (N, d)
+    treatment: torch.Tensor  # int64 (N,)
+    revenue: torch.Tensor  # float32 (N,)
+    cost: torch.Tensor  # float32 (N,)
+    propensity: torch.Tensor  # float32 (N,)
+    n_treatments: int
+
+    def __len__(self) -> int:
+        return int(self.treatment.shape[0])
+
+    def to(self, device: torch.device | str) -> LoggedData:
+        return LoggedData(
+            user_id=self.user_id.to(device),
+            x=self.x.to(device),
+            treatment=self.treatment.to(device),
+            revenue=self.revenue.to(device),
+            cost=self.cost.to(device),
+            propensity=self.propensity.to(device),
+            n_treatments=self.n_treatments,
+        )
+
+    @property
+    def has_propensity(self) -> bool:
+        return bool(torch.isfinite(self.propensity).all())
+
+
+@dataclass(frozen=True)
+class Truth:
+    """Expected revenue and cost of every arm for a set of users (simulated data only)."""
+
+    revenue: torch.Tensor  # float (N, M)
+    cost: torch.Tensor  # float (N, M)
+
+    def to(self, device: torch.device | str) -> Truth:
+        return Truth(self.revenue.to(device), self.cost.to(device))
+
+    def policy_value(self, treatment: torch.Tensor) -> tuple[float, float]:
+        """True mean revenue and mean cost per user of giving each user ``treatment``."""
+        idx = treatment.to(self.revenue.device).long().unsqueeze(1)
+        rev = self.revenue.gather(1, idx).mean()
+        cost = self.cost.gather(1, idx).mean()
+        return float(rev), float(cost)
+
+
+@dataclass
+class Dataset:
+    """A loaded dataset folder: metadata, the four row tables and optional ground truth."""
+
+    meta: DatasetMeta
+    tables: dict[str, pd.DataFrame]
+    truth: pd.DataFrame | None = None
+    path: Path | None = None
+
+    def table(self, name: str) -> pd.DataFrame:
+        if name not in self.tables:
+            raise KeyError(f"unknown table {name!r}; expected one of {TABLES}")
+        return self.tables[name]
+
+    def logged(self, name: str, device: torch.device | str = "cpu") -> LoggedData:
+        return frame_to_logged(self.table(name), self.meta).to(device)
+
+    def truth_for(self, name: str, device: torch.device | str = "cpu") -> Truth | None:
+        """Ground truth aligned row by row with table ``name`` (None without truth)."""
+        if self.truth is None:
+            return None
+        return truth_for_users(self.truth, self.table(name)[USER_ID], self.meta.n_treatments).to(
+            device
+        )
+
+
+def truth_for_users(truth: pd.DataFrame, user_ids: pd.Series, n_treatments: int) -> Truth:
+    """Rows of the truth table for ``user_ids``, in that order."""
+    indexed = truth.set_index(USER_ID)
+    missing = ~user_ids.isin(indexed.index)
+    if missing.any():
+        raise DataContractError(
+            f"{TRUTH_FILE}: no ground truth for {int(missing.sum())} user(s), "
+            f"e.g. user_id={user_ids[missing].iloc[0]}"
+        )
+    rows = indexed.loc[user_ids.to_numpy()]
+    return Truth(
+        revenue=_tensor(rows[truth_revenue_columns(n_treatments)], np.float64),
+        cost=_tensor(rows[truth_cost_columns(n_treatments)], np.float64),
+    )
+
+
+def _tensor(values: pd.Series | pd.DataFrame, dtype: type) -> torch.Tensor:
+    """A writable, contiguous tensor copy (pandas may hand out read-only views)."""
+    return torch.from_numpy(np.array(values.to_numpy(dtype), dtype=dtype, order="C", copy=True))
+
+
+def frame_to_logged(frame: pd.DataFrame, meta: DatasetMeta) -> LoggedData:
+    """Convert one table to tensors (features float32, outcomes float32, ids int64)."""
+    missing = [c for c in meta.row_columns if c not in frame.columns and c != PROPENSITY]
+    if missing:
+        raise DataContractError(f"table is missing column(s) {missing}")
+    prop = (
+        frame[PROPENSITY].to_numpy(np.float32, na_value=np.nan)
+        if PROPENSITY in frame.columns
+        else np.full(len(frame), np.nan, dtype=np.float32)
+    )
+    return LoggedData(
+        user_id=_tensor(frame[USER_ID], np.int64),
+        x=_tensor(frame[meta.feature_columns], np.float32),
+        treatment=_tensor(frame[TREATMENT], np.int64),
+        revenue=_tensor(frame[REVENUE], np.float32),
+        cost=_tensor(frame[COST], np.float32),
+        propensity=torch.from_numpy(np.array(prop, copy=True)),
+        n_treatments=meta.n_treatments,
+    )
+
+
+# ----------------------------------------------------------------------------- atomic writes
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Run ``write(tmp)`` on a temporary sibling of ``path``, then rename it into place.
+
+    A crash or an exception leaves the previous file (if any) untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path: Path, payload: Any) -> None:
+    """Atomically write ``payload`` as pretty JSON."""
+    atomic_write(
+        path, lambda tmp: tmp.write_text(json.dumps(payload, indent=2, default=_json_default) + "\n")
+    )
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot serialise {type(value).__name__} to JSON")
+
+
+def write_parquet(path: Path, frame: pd.DataFrame) -> None:
+    """Atomically write a frame as parquet (no index)."""
+    atomic_write(path, lambda tmp: frame.to_parquet(tmp, index=False))
+
+
+# ----------------------------------------------------------------------------- folder I/O
+
+
+def read_meta(folder: Path) -> DatasetMeta:
+    path = Path(folder) / META_FILE
+    if not path.exists():
+        raise DataContractError(f"{path}: file not found")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise DataContractError(f"{path}: not valid JSON ({err})") from err
+    if not isinstance(raw, dict):
+        raise DataContractError(f"{path}: must hold a JSON object")
+    return DatasetMeta.from_dict(raw, origin=str(path))
+
+
+def read_table(folder: Path, table: str) -> pd.DataFrame:
+    path = Path(folder) / table_file(table)
+    if not path.exists():
+        raise DataContractError(f"{path}: file not found")
+    return pd.read_parquet(path)
+
+
+def load_dataset(folder: Path | str, tables: tuple[str, ...] = TABLES) -> Dataset:
+    """Read a dataset folder (the named tables, metadata and truth if present)."""
+    folder = Path(folder)
+    meta = read_meta(folder)
+    frames = {name: read_table(folder, name) for name in tables}
+    truth_path = folder / TRUTH_FILE
+    truth = pd.read_parquet(truth_path) if truth_path.exists() else None
+    return Dataset(meta=meta, tables=frames, truth=truth, path=folder)
+
+
+def save_dataset(
+    folder: Path | str,
+    meta: DatasetMeta,
+    tables: dict[str, pd.DataFrame],
+    truth: pd.DataFrame | None = None,
+) -> Path:
+    """Write a dataset folder; each file is written atomically, metadata last.
+
+    Row tables are written with columns in canonical order so files are comparable.
+    """
+    folder = Path(folder)
+    unknown = set(tables) - set(TABLES)
+    if unknown:
+        raise DataContractError(f"unknown table name(s) {sorted(unknown)}; expected {TABLES}")
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, frame in tables.items():
+        ordered = [c for c in meta.row_columns if c in frame.columns]
+        extras = [c for c in frame.columns if c not in ordered]
+        write_parquet(folder / table_file(name), frame[ordered + extras])
+    if truth is not None:
+        write_parquet(folder / TRUTH_FILE, truth)
+    write_json(folder / META_FILE, meta.to_dict())
+    return folder
