@@ -7,7 +7,7 @@ only pays for the libraries it uses (Great Expectations, Lightning, MLflow are h
 from __future__ import annotations
 
 import json
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -28,7 +28,9 @@ def simulate(
     n_obs: Annotated[int, typer.Option(help="Rows in the observational log.")] = 200_000,
     n_rct: Annotated[int, typer.Option(help="Rows in the randomized trial (all splits).")] = 40_000,
     treatments: Annotated[int, typer.Option(help="Number of arms M, control included.")] = 5,
-    bias: Annotated[float | None, typer.Option(help="Targeting strength of the OBS policy.")] = None,
+    bias: Annotated[
+        float | None, typer.Option(help="Targeting strength of the OBS policy.")
+    ] = None,
     confounding: Annotated[
         float | None, typer.Option(help="Strength of the hidden confounder.")
     ] = None,
@@ -53,7 +55,7 @@ def validate(
     data_dir: Annotated[Path, typer.Argument(help="Dataset folder to check.")],
     report: Annotated[
         Path | None,
-        typer.Option(help="Where to write the JSON report [default: reports/validation/NAME.json]."),
+        typer.Option(help="JSON report path [default: reports/validation/NAME.json]."),
     ] = None,
 ) -> None:
     """Check a dataset folder against the data contract; exit 1 on any failure."""
@@ -91,23 +93,25 @@ def fetch_hillstrom(
     typer.echo(f"Hillstrom CSV at {fetch(out_dir)}")
 
 
-class RawFormat(str, Enum):
+class RawFormat(StrEnum):
     hillstrom = "hillstrom"
     criteo = "criteo"
+    csv = "csv"
 
 
 @app.command()
 def hybrid(
     raw: Annotated[Path, typer.Argument(help="Raw RCT file (CSV, or the Hillstrom .zip).")],
     out_dir: Annotated[Path, typer.Argument(help="Dataset folder to write.")],
-    format: Annotated[RawFormat, typer.Option(help="Layout of the raw file.")] = RawFormat.hillstrom,
+    format: Annotated[
+        RawFormat, typer.Option(help="Layout of the raw file (csv = contract columns).")
+    ] = RawFormat.hillstrom,
     seed: Annotated[int, typer.Option(help="Random seed for the slices.")] = 0,
 ) -> None:
     """Turn any RCT into OBS + RCT splits with the paper's hybrid recipe."""
-    from bidfcl.realdata import build_hybrid, load_criteo, load_hillstrom
+    from bidfcl.realdata import build_hybrid, load_raw
 
-    loader = {RawFormat.hillstrom: load_hillstrom, RawFormat.criteo: load_criteo}[format]
-    path = build_hybrid(loader(raw), out_dir, seed=seed)
+    path = build_hybrid(load_raw(raw, format.value), out_dir, seed=seed)
     typer.echo(f"wrote hybrid dataset to {path}")
 
 

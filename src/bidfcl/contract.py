@@ -230,6 +230,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     tmp = Path(tmp_name)
     try:
         write(tmp)
+        tmp.chmod(0o644)  # mkstemp creates 0600; published artifacts must be readable
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -237,9 +238,8 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 
 def write_json(path: Path, payload: Any) -> None:
     """Atomically write ``payload`` as pretty JSON."""
-    atomic_write(
-        path, lambda tmp: tmp.write_text(json.dumps(payload, indent=2, default=_json_default) + "\n")
-    )
+    text = json.dumps(payload, indent=2, default=_json_default) + "\n"
+    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def _json_default(value: Any) -> Any:
