@@ -41,7 +41,9 @@ def _table(user_ids: list[int], rng: np.random.Generator) -> pd.DataFrame:
 @pytest.fixture
 def saved(tmp_path: Path) -> Path:
     rng = np.random.default_rng(0)
-    tables = {name: _table(list(range(10 * k, 10 * k + 10)), rng) for k, name in enumerate(C.TABLES)}
+    tables = {
+        name: _table(list(range(10 * k, 10 * k + 10)), rng) for k, name in enumerate(C.TABLES)
+    }
     truth = pd.DataFrame(
         {"user_id": range(40)}
         | {f"revenue_{j}": np.arange(40) + j for j in range(3)}

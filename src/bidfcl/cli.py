@@ -128,5 +128,74 @@ def import_lzd(
     typer.echo(f"wrote LZD dataset to {import_lazada(train, test, out_dir, seed=seed)}")
 
 
+@app.command()
+def train(
+    data_dir: Annotated[Path, typer.Argument(help="Dataset folder.")],
+    out: Annotated[Path, typer.Option(help="Model folder to write.")],
+    method: Annotated[
+        str | None, typer.Option(help="Learner name [default: params.yaml train.method].")
+    ] = None,
+    budget: Annotated[
+        float | None, typer.Option(help="Mean cost per user [default: the dataset's].")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed [default: params.yaml].")] = None,
+    params: Annotated[Path, typer.Option(help="Parameters file (its train: section).")] = Path(
+        "params.yaml"
+    ),
+) -> None:
+    """Train an uplift model with the configured learner and save it to --out."""
+    from bidfcl.training import load_train_config, train_to_folder
+
+    config = load_train_config(params, method=method, budget=budget, seed=seed)
+    path = train_to_folder(data_dir, out, config, progress=True)
+    typer.echo(f"trained {config.method} model saved to {path}")
+
+
+@app.command()
+def evaluate(
+    model_dir: Annotated[Path, typer.Argument(help="Saved model folder.")],
+    data_dir: Annotated[Path, typer.Argument(help="Dataset folder (its rct_test is scored).")],
+    out: Annotated[Path, typer.Option(help="metrics.json to write.")] = Path("metrics.json"),
+    budget: Annotated[
+        float | None, typer.Option(help="Mean cost per user [default: the dataset's].")
+    ] = None,
+    estimator: Annotated[str, typer.Option(help="ipw, snipw or dr.")] = "ipw",
+    curve: Annotated[
+        Path | None, typer.Option(help="Also write the budget-value curve as CSV.")
+    ] = None,
+) -> None:
+    """Score a model on held-out RCT data: EOM with its interval, cost, decision curve."""
+    from bidfcl.scoring import evaluate_model
+
+    metrics = evaluate_model(model_dir, data_dir, out, budget, estimator=estimator, curve_out=curve)
+    line = (
+        f"EOM {metrics['eom']:.4f} [{metrics['eom_ci_low']:.4f}, {metrics['eom_ci_high']:.4f}] "
+        f"at budget {metrics['budget']:.4f} (estimated cost {metrics['mean_cost']:.4f})"
+    )
+    if metrics.get("true_value") is not None:
+        line += f"; true value {metrics['true_value']:.4f}, true cost {metrics['true_cost']:.4f}"
+    typer.echo(line)
+    typer.echo(f"metrics written to {out}")
+
+
+@app.command()
+def allocate(
+    model_dir: Annotated[Path, typer.Argument(help="Saved model folder.")],
+    users: Annotated[Path, typer.Argument(help="Parquet table with user_id and the features.")],
+    budget: Annotated[float, typer.Option(help="Mean predicted cost per user to spend.")],
+    out: Annotated[Path, typer.Option(help="Parquet file of user_id, treatment.")],
+    chunk_rows: Annotated[int, typer.Option(help="Rows read per chunk.")] = 1_000_000,
+) -> None:
+    """Choose one treatment per user under the budget (exact MCKP on predicted outcomes)."""
+    from bidfcl.scoring import allocate_file
+
+    result = allocate_file(model_dir, users, budget, out, chunk_rows=chunk_rows)
+    typer.echo(
+        f"allocated {result.treatment.numel()} users: predicted revenue {result.mean_revenue:.4f}"
+        f", predicted cost {result.mean_cost:.4f} per user (lambda {result.lam:.4f}, "
+        f"{result.status}); written to {out}"
+    )
+
+
 if __name__ == "__main__":
     app()

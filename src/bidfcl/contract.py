@@ -89,6 +89,17 @@ class DatasetMeta:
             extra=extra,
         )
 
+    def budget_or_default(self, budget: float | None) -> float:
+        """``budget`` (mean cost per user) if given, else this dataset's ``default_budget``."""
+        if budget is not None:
+            return float(budget)
+        if "default_budget" not in self.extra:
+            raise ValueError(
+                "no budget given (train.budget / --budget) and meta.json has no default_budget: "
+                "state the mean cost per user the policy may spend"
+            )
+        return float(self.extra["default_budget"])
+
     @property
     def row_columns(self) -> list[str]:
         """Columns every table row carries, in canonical order."""

@@ -1,0 +1,98 @@
+"""Scoring a saved model: metrics.json, and streaming allocation of new users."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from bidfcl.allocation import solve_mckp
+from bidfcl.cli import app
+from bidfcl.contract import RCT_TEST, load_dataset
+from bidfcl.model import FeatureMismatchError, UpliftModel
+from bidfcl.scoring import allocate_file, evaluate_model
+from bidfcl.training import TrainConfig, train_to_folder
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def model_dir(small_dataset_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    config = TrainConfig(method="tsm-rct", max_epochs=2, num_threads=1)
+    return train_to_folder(small_dataset_dir, tmp_path_factory.mktemp("m") / "model", config, False)
+
+
+def test_evaluate_writes_metrics_with_estimates_beside_truth(
+    model_dir: Path, small_dataset_dir: Path, tmp_path: Path
+) -> None:
+    out, curve = tmp_path / "metrics.json", tmp_path / "curve.csv"
+    metrics = evaluate_model(model_dir, small_dataset_dir, out, curve_out=curve)
+    assert json.loads(out.read_text()) == metrics
+    budget = load_dataset(small_dataset_dir, tables=()).meta.extra["default_budget"]
+    assert metrics["budget"] == pytest.approx(budget)
+    assert metrics["eom_ci_low"] < metrics["eom"] < metrics["eom_ci_high"]
+    assert metrics["mean_cost"] <= budget + 1e-6 and metrics["budget_met"]
+    assert metrics["deployed_predicted_cost"] <= budget + 1e-6
+    assert metrics["method"] == "tsm-rct"
+    for key in ("true_value", "true_cost", "deployed_true_value", "budget_curve_area"):
+        assert isinstance(metrics[key], float)
+    assert metrics["oracle_value"] >= metrics["deployed_true_value"] - 1e-9
+    frame = pd.read_csv(curve)
+    assert list(frame["budget"]) == sorted(frame["budget"])
+    assert {"eom", "true_revenue"} <= set(frame.columns)
+
+
+def test_allocate_streams_chunks_into_the_one_shot_solution(
+    model_dir: Path, small_dataset_dir: Path, tmp_path: Path
+) -> None:
+    users = load_dataset(small_dataset_dir, tables=(RCT_TEST,)).table(RCT_TEST)
+    features = UpliftModel.load(model_dir).feature_columns
+    users_file = tmp_path / "users.parquet"
+    users[["user_id", *features]].to_parquet(users_file, index=False)  # no outcomes needed
+    out = tmp_path / "alloc.parquet"
+
+    result = allocate_file(model_dir, users_file, budget=2.0, out=out, chunk_rows=97)
+
+    written = pd.read_parquet(out)
+    assert list(written.columns) == ["user_id", "treatment"]
+    assert written["user_id"].tolist() == users["user_id"].tolist()
+    model = UpliftModel.load(model_dir)
+    revenue, cost = model.predict(torch.tensor(users[features].to_numpy(), dtype=torch.float32))
+    one_shot = solve_mckp(revenue, cost, 2.0)
+    assert torch.equal(torch.tensor(written["treatment"].to_numpy()), one_shot.treatment)
+    assert result.mean_cost <= 2.0 + 1e-6
+
+
+def test_allocate_refuses_a_table_without_the_model_features(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    users_file = tmp_path / "users.parquet"
+    pd.DataFrame({"user_id": [1, 2], "x0": [0.1, 0.2]}).to_parquet(users_file, index=False)
+    with pytest.raises(FeatureMismatchError, match="missing from the data"):
+        allocate_file(model_dir, users_file, budget=1.0, out=tmp_path / "a.parquet")
+    assert not (tmp_path / "a.parquet").exists()
+
+
+def test_cli_evaluate_and_allocate(
+    model_dir: Path, small_dataset_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "metrics.json"
+    result = runner.invoke(
+        app, ["evaluate", str(model_dir), str(small_dataset_dir), "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "EOM" in result.output and "true value" in result.output
+    assert json.loads(out.read_text())["eom"] > 0
+
+    users = tmp_path / "users.parquet"
+    load_dataset(small_dataset_dir, tables=(RCT_TEST,)).table(RCT_TEST).to_parquet(users)
+    alloc = tmp_path / "alloc.parquet"
+    result = runner.invoke(
+        app, ["allocate", str(model_dir), str(users), "--budget", "1.5", "--out", str(alloc)]
+    )
+    assert result.exit_code == 0, result.output
+    assert len(pd.read_parquet(alloc)) == len(pd.read_parquet(users))
