@@ -180,21 +180,121 @@ def evaluate(
 
 @app.command()
 def allocate(
-    model_dir: Annotated[Path, typer.Argument(help="Saved model folder.")],
+    model: Annotated[
+        str, typer.Argument(help="Saved model folder, or models:/NAME@ALIAS from the registry.")
+    ],
     users: Annotated[Path, typer.Argument(help="Parquet table with user_id and the features.")],
     budget: Annotated[float, typer.Option(help="Mean predicted cost per user to spend.")],
     out: Annotated[Path, typer.Option(help="Parquet file of user_id, treatment.")],
     chunk_rows: Annotated[int, typer.Option(help="Rows read per chunk.")] = 1_000_000,
+    params: Annotated[
+        Path, typer.Option(help="Parameters file (promote: section locates the registry).")
+    ] = Path("params.yaml"),
 ) -> None:
     """Choose one treatment per user under the budget (exact MCKP on predicted outcomes)."""
     from bidfcl.scoring import allocate_file
 
-    result = allocate_file(model_dir, users, budget, out, chunk_rows=chunk_rows)
+    result = allocate_file(_local_model(model, params), users, budget, out, chunk_rows=chunk_rows)
     typer.echo(
         f"allocated {result.treatment.numel()} users: predicted revenue {result.mean_revenue:.4f}"
         f", predicted cost {result.mean_cost:.4f} per user (lambda {result.lam:.4f}, "
         f"{result.status}); written to {out}"
     )
+
+
+def _local_model(ref: str, params: Path, root: Path = Path(".")) -> Path:
+    """A model folder for ``ref``: a path as is, a ``models:/`` reference from the registry."""
+    if not ref.startswith("models:/"):
+        return Path(ref)
+    from bidfcl.pipeline import promote_params, read_params
+    from bidfcl.registry import resolve_model_uri, tracking
+
+    with tracking(root, promote_params(read_params(params))):
+        return resolve_model_uri(ref)
+
+
+stage_app = typer.Typer(
+    no_args_is_help=True,
+    help="Pipeline stages (what dvc.yaml and the Prefect flow run), each reading its "
+    "params.yaml section.",
+)
+app.add_typer(stage_app, name="stage")
+RootOption = Annotated[Path, typer.Option(help="Project root (holds dvc.yaml, data/, models/).")]
+ParamsOption = Annotated[Path, typer.Option(help="Parameters file.")]
+
+
+@stage_app.command("ingest")
+def stage_ingest(root: RootOption = Path("."), params: ParamsOption = Path("params.yaml")) -> None:
+    """Write the batch to data/landing: simulated, or copied from ingest.source."""
+    from bidfcl.pipeline import ingest, read_params
+
+    typer.echo(f"ingested batch into {ingest(root, read_params(params), progress=True)}")
+
+
+@stage_app.command("validate")
+def stage_validate(
+    root: RootOption = Path("."), params: ParamsOption = Path("params.yaml")
+) -> None:
+    """Validate data/landing; write results/validation.json; exit 1 with the report on failure."""
+    from bidfcl.pipeline import VALIDATION_REPORT, ValidationFailed, read_params, validate
+
+    try:
+        validate(root, read_params(params))
+    except ValidationFailed as failure:
+        typer.echo(str(failure), err=True)
+        typer.echo(f"report written to {root / VALIDATION_REPORT}", err=True)
+        raise typer.Exit(code=1) from None
+    typer.echo(f"validation passed; report written to {root / VALIDATION_REPORT}")
+
+
+@stage_app.command("version")
+def stage_version(root: RootOption = Path(".")) -> None:
+    """Version the validated batch: DVC imports data/landing into data/raw (data.dvc)."""
+    from bidfcl.pipeline import version
+
+    tracked = version(root)
+    typer.echo(f"{tracked['path']} versioned as {tracked['md5']} ({tracked['nfiles']} files)")
+
+
+@stage_app.command("train")
+def stage_train(root: RootOption = Path("."), params: ParamsOption = Path("params.yaml")) -> None:
+    """Train train.method and baselines.methods on data/raw into models/."""
+    from bidfcl.pipeline import read_params, train
+
+    typer.echo(f"trained {', '.join(train(root, read_params(params), progress=True))}")
+
+
+@stage_app.command("evaluate")
+def stage_evaluate(
+    root: RootOption = Path("."), params: ParamsOption = Path("params.yaml")
+) -> None:
+    """Score every trained model on held-out RCT: results/metrics and results/curves."""
+    from bidfcl.pipeline import evaluate, read_params, render_table, summary_rows
+
+    typer.echo(render_table(summary_rows(evaluate(root, read_params(params)))))
+
+
+@stage_app.command("promote")
+def stage_promote(root: RootOption = Path("."), params: ParamsOption = Path("params.yaml")) -> None:
+    """Log runs to MLflow, register the candidate as challenger, apply the champion gate."""
+    from bidfcl.pipeline import promote, read_params
+
+    decision = promote(root, read_params(params))
+    typer.echo(
+        f"{decision['model_name']} version {decision['version']} ({decision['method']}) "
+        f"{decision['decision']}: {decision['reason']}; champion is version "
+        f"{decision['champion_version']}"
+    )
+
+
+@app.command("resolve-model")
+def resolve_model(
+    ref: Annotated[str, typer.Argument(help="models:/NAME@ALIAS, models:/NAME/VERSION or a path.")],
+    root: RootOption = Path("."),
+    params: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Print a local model folder for a registry reference (use it with `bidfcl allocate`)."""
+    typer.echo(_local_model(ref, params, root))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,172 @@
+"""The Prefect flow: ingest -> validate -> version -> train -> evaluate -> promote.
+
+Each task calls the same stage function as ``bidfcl stage NAME`` and ``dvc repro``, then
+records the stage in DVC (``dvc commit``), so after a flow run ``dvc status`` is clean and
+``dvc repro`` has nothing to do. A batch that fails validation stops the flow there: the
+report becomes a Prefect artifact and the versioned data, models, metrics and registry keep
+their previous state.
+
+Run once:      python flows/pipeline.py [--data-path DIR] [--budget B] [--project-dir DIR]
+Serve nightly: python flows/pipeline.py --serve   (schedule and parameters from prefect.yaml)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from bidfcl import pipeline
+
+PREFECT_YAML = Path(__file__).resolve().parents[1] / "prefect.yaml"
+PARAMS_FILE = "params.yaml"
+
+
+def _params(root: Path) -> dict[str, Any]:
+    return pipeline.read_params(root / PARAMS_FILE)
+
+
+@task(name="ingest", retries=2, retry_delay_seconds=5)
+def ingest_task(root: Path) -> str:
+    """Copies can fail transiently (a network share, a batch still being written): retried.
+    DVC records the landed batch only once it has passed validation."""
+    return str(pipeline.ingest(root, _params(root)))
+
+
+@task(name="validate")
+def validate_task(root: Path) -> dict[str, Any]:
+    """Not retried: a broken batch stays broken. Its report becomes a flow-run artifact, and
+    neither the batch nor the report reaches dvc.lock."""
+    try:
+        report = pipeline.validate(root, _params(root))
+    except pipeline.ValidationFailed as failure:
+        create_markdown_artifact(
+            key="validation-report",
+            markdown=f"## Validation failed\n\n```\n{failure}\n```",
+            description="The batch broke the data contract; nothing downstream ran.",
+        )
+        raise
+    pipeline.record_stage(root, "ingest")
+    pipeline.record_stage(root, "validate")
+    return report
+
+
+@task(name="version", retries=2, retry_delay_seconds=5)
+def version_task(root: Path) -> dict[str, Any]:
+    """DVC's repository lock may be held by another process for a moment: retried."""
+    return pipeline.version(root)
+
+
+@task(name="train")
+def train_task(root: Path) -> list[str]:
+    methods = pipeline.train(root, _params(root))
+    pipeline.record_stage(root, "train")
+    return methods
+
+
+@task(name="evaluate")
+def evaluate_task(root: Path) -> dict[str, dict[str, Any]]:
+    metrics = pipeline.evaluate(root, _params(root))
+    pipeline.record_stage(root, "evaluate")
+    return metrics
+
+
+@task(name="promote", retries=2, retry_delay_seconds=5)
+def promote_task(root: Path) -> dict[str, Any]:
+    """The registry (a database, possibly remote) can be briefly unavailable: retried."""
+    decision = pipeline.promote(root, _params(root))
+    pipeline.record_stage(root, "promote")
+    return decision
+
+
+@flow(name="bidfcl-pipeline", log_prints=True)
+def bidfcl_pipeline(
+    project_dir: str = ".",
+    data_path: str | None = None,
+    budget: float | None = None,
+) -> dict[str, Any]:
+    """Validate, version, train, evaluate and gate one batch of logs.
+
+    ``data_path``: a dataset folder with the new batch (None: ``ingest.source`` in
+    params.yaml, by default the simulator). ``budget``: mean cost per user for training and
+    evaluation (None: params.yaml, else the dataset's default). Both are written to
+    params.yaml so DVC's lock records what this run used.
+    """
+    root = Path(project_dir).resolve()
+    overrides: dict[str, Any] = {}
+    if data_path is not None:
+        overrides["ingest.source"] = str(Path(data_path).resolve())
+    if budget is not None:
+        overrides |= {"train.budget": float(budget), "evaluate.budget": float(budget)}
+    if overrides:
+        pipeline.set_params(root / PARAMS_FILE, overrides)
+
+    ingest_task(root)
+    validate_task(root)
+    version_task(root)
+    train_task(root)
+    metrics = evaluate_task(root)
+    decision = promote_task(root)
+
+    rows = pipeline.summary_rows(metrics)
+    create_table_artifact(
+        key="bidfcl-methods",
+        table=rows,
+        description=(
+            f"EOM on held-out RCT per method. Gate: {decision['method']} v{decision['version']} "
+            f"{decision['decision']} ({decision['reason']}); champion is "
+            f"v{decision['champion_version']}."
+        ),
+    )
+    return {
+        "rows": rows,
+        "promotion": decision,
+        "curves": str(root / pipeline.CURVES_DIR),
+        "metrics": str(root / pipeline.METRICS_DIR),
+    }
+
+
+def nightly_deployment() -> dict[str, Any]:
+    """The deployment declared in prefect.yaml (one source for ``prefect deploy`` and serve)."""
+    spec = yaml.safe_load(PREFECT_YAML.read_text())
+    return next(d for d in spec["deployments"] if d["name"] == "nightly")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--project-dir", default=".")
+    parser.add_argument("--data-path", default=None)
+    parser.add_argument("--budget", type=float, default=None)
+    parser.add_argument("--serve", action="store_true", help="serve the nightly deployment")
+    args = parser.parse_args()
+    # Prefect's ephemeral API server can take longer than its default 20 s on a busy machine.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    if args.serve:
+        deployment = nightly_deployment()
+        bidfcl_pipeline.serve(
+            name=deployment["name"],
+            cron=deployment["schedules"][0]["cron"],
+            parameters=deployment["parameters"],
+        )
+        return
+    result = bidfcl_pipeline(args.project_dir, args.data_path, args.budget)
+    promotion = result["promotion"]
+    print()
+    print(pipeline.render_table(result["rows"]))
+    print()
+    print(
+        f"gate: {promotion['method']} version {promotion['version']} {promotion['decision']}: "
+        f"{promotion['reason']}"
+    )
+    print(f"champion: {promotion['model_name']} version {promotion['champion_version']}")
+    print(f"metrics: {result['metrics']}/   budget-value curves: {result['curves']}/")
+    print(f"MLflow: mlflow ui --backend-store-uri {promotion['tracking_uri']}")
+
+
+if __name__ == "__main__":
+    main()

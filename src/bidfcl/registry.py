@@ -1,0 +1,235 @@
+"""MLflow tracking and model registry: log training runs, register challengers, run the gate's
+bookkeeping (aliases and decision tags), and resolve ``models:/NAME@alias`` to a model folder.
+
+Tracking and registry default to a sqlite file in the project root (``promote.tracking_uri``);
+``MLFLOW_TRACKING_URI`` points both elsewhere (e.g. a server on PostgreSQL). Models are logged
+as an MLflow pyfunc that wraps the saved :class:`~bidfcl.model.UpliftModel` folder, so the
+registry holds exactly the files ``bidfcl allocate`` reads. Aliases, not the deprecated stages,
+mark ``challenger`` and ``champion``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib.metadata import version as installed_version
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import mlflow
+import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from bidfcl.contract import load_dataset
+from bidfcl.model import MODEL_FILE, UpliftModel
+
+if TYPE_CHECKING:
+    from bidfcl.pipeline import GateDecision, PromoteParams
+
+CHALLENGER = "challenger"
+CHAMPION = "champion"
+MODEL_ARTIFACT = "model"
+UPLIFT_ARTIFACT = "uplift_model"
+TRACKING_ENV = "MLFLOW_TRACKING_URI"
+PINNED_PACKAGES = ("torch", "numpy", "pandas", "pyarrow", "mlflow")
+
+
+class UpliftPyfunc(mlflow.pyfunc.PythonModel):
+    """Predicted revenue and cost of every arm, as columns ``revenue_j`` and ``cost_j``."""
+
+    def load_context(self, context: Any) -> None:
+        self.model = UpliftModel.load(context.artifacts[UPLIFT_ARTIFACT])
+
+    def predict(self, context: Any, model_input: pd.DataFrame, params: Any = None) -> pd.DataFrame:
+        return predictions_frame(self.model, model_input)
+
+
+def predictions_frame(model: UpliftModel, features: pd.DataFrame) -> pd.DataFrame:
+    """The model's (N, M) revenue and cost predictions for a frame of feature columns."""
+    import numpy as np
+    import torch
+
+    x = torch.from_numpy(np.array(features[model.feature_columns].to_numpy(np.float32), copy=True))
+    revenue, cost = model.predict(x)
+    columns = {f"revenue_{j}": revenue[:, j].numpy() for j in range(model.n_treatments)}
+    columns |= {f"cost_{j}": cost[:, j].numpy() for j in range(model.n_treatments)}
+    return pd.DataFrame(columns, index=features.index)
+
+
+def tracking_uri(root: Path, config: PromoteParams) -> str:
+    """``MLFLOW_TRACKING_URI`` if set, else ``promote.tracking_uri`` with a relative sqlite path
+    anchored at the project root."""
+    uri = os.environ.get(TRACKING_ENV) or config.tracking_uri
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not Path(uri[len(prefix) :]).is_absolute():
+        return prefix + str((root / uri[len(prefix) :]).resolve())
+    return uri
+
+
+@contextmanager
+def tracking(root: Path, config: PromoteParams) -> Iterator[MlflowClient]:
+    """Point MLflow (tracking and registry) at the project's store for the duration.
+
+    MLflow's setter also exports ``MLFLOW_TRACKING_URI``; the caller's value (or its absence)
+    is put back afterwards, so a later call in the same process resolves its own store.
+    """
+    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    previous_env = os.environ.get(TRACKING_ENV)
+    uri = tracking_uri(root, config)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        if mlflow.get_experiment_by_name(config.experiment) is None:
+            artifacts = (root / "mlruns").resolve().as_uri() if uri.startswith("sqlite") else None
+            mlflow.create_experiment(config.experiment, artifact_location=artifacts)
+        mlflow.set_experiment(config.experiment)
+        yield MlflowClient(uri, uri)
+    finally:
+        mlflow.set_tracking_uri(previous[0])
+        mlflow.set_registry_uri(previous[1])
+        if previous_env is None:
+            os.environ.pop(TRACKING_ENV, None)
+        else:
+            os.environ[TRACKING_ENV] = previous_env
+
+
+def log_training_run(
+    model_dir: Path,
+    metrics: dict[str, Any],
+    curve_csv: Path,
+) -> dict[str, str]:
+    """One MLflow run per trained method: params, numeric metrics, the budget-value curve (CSV
+    and PNG) and the model. Returns the run id and the logged model's URI."""
+    model = UpliftModel.load(model_dir)
+    meta = model.metadata
+    with mlflow.start_run(run_name=str(meta.get("method"))) as run:
+        mlflow.log_params(
+            {
+                **{f"train.{k}": v for k, v in (meta.get("train_config") or {}).items()},
+                "budget": meta.get("budget"),
+                "dataset.source": (meta.get("dataset") or {}).get("source"),
+            }
+        )
+        mlflow.log_metrics(
+            {
+                key: float(value)
+                for key, value in metrics.items()
+                if isinstance(value, int | float) and not isinstance(value, bool)
+            }
+        )
+        mlflow.set_tags({"method": str(meta.get("method")), "table": str(metrics.get("table"))})
+        if curve_csv.exists():
+            mlflow.log_artifact(str(curve_csv), artifact_path="plots")
+            mlflow.log_figure(_curve_figure(pd.read_csv(curve_csv), meta), "plots/budget_value.png")
+        model_uri = _log_pyfunc(model, model_dir, metrics)
+    return {"run_id": run.info.run_id, "model_uri": model_uri}
+
+
+def _curve_figure(curve: pd.DataFrame, meta: dict[str, Any]) -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(5, 3.5))
+    axes.plot(curve["budget"], curve["eom"], marker="o", label="EOM (IPW estimate)")
+    axes.fill_between(curve["budget"], curve["eom_ci_low"], curve["eom_ci_high"], alpha=0.2)
+    if curve["true_revenue"].notna().any():
+        axes.plot(curve["budget"], curve["true_revenue"], linestyle="--", label="true value")
+    axes.set(xlabel="budget (mean cost per user)", ylabel="revenue per user")
+    axes.set_title(f"budget-value curve: {meta.get('method')}")
+    axes.legend()
+    figure.tight_layout()
+    plt.close(figure)
+    return figure
+
+
+def _log_pyfunc(model: UpliftModel, model_dir: Path, metrics: dict[str, Any]) -> str:
+    """Log the model folder as a pyfunc with pinned requirements and a two-row input example
+    (pinning avoids MLflow's slow requirement inference)."""
+    example = pd.DataFrame(
+        [[0.0] * len(model.feature_columns), [1.0] * len(model.feature_columns)],
+        columns=model.feature_columns,
+    )
+    info = mlflow.pyfunc.log_model(
+        name=MODEL_ARTIFACT,
+        python_model=UpliftPyfunc(),
+        artifacts={UPLIFT_ARTIFACT: str(model_dir)},
+        pip_requirements=[f"{name}=={installed_version(name)}" for name in PINNED_PACKAGES],
+        input_example=example,
+        metadata={"method": model.metadata.get("method"), "eom": metrics.get("eom")},
+    )
+    return info.model_uri
+
+
+def register_challenger(model_uri: str, config: PromoteParams) -> str:
+    """Register a logged model as a new version and give it the ``challenger`` alias."""
+    version = mlflow.register_model(model_uri, config.model_name).version
+    MlflowClient().set_registered_model_alias(config.model_name, CHALLENGER, version)
+    return str(version)
+
+
+def _alias_version(config: PromoteParams, alias: str) -> str | None:
+    try:
+        return str(MlflowClient().get_model_version_by_alias(config.model_name, alias).version)
+    except MlflowException:
+        return None
+
+
+def champion_version(root: Path, config: PromoteParams) -> str | None:
+    """The version number holding ``champion``, or None."""
+    with tracking(root, config):
+        return _alias_version(config, CHAMPION)
+
+
+def rescore_champion(
+    config: PromoteParams,
+    data_dir: Path,
+    challenger_metrics: dict[str, Any],
+    exclude_version: str,
+) -> float | None:
+    """The current champion's EOM on the challenger's held-out table, budget and estimator;
+    None when there is no champion (or it is the challenger itself)."""
+    from bidfcl.scoring import model_metrics
+
+    version = _alias_version(config, CHAMPION)
+    if version is None or version == exclude_version:
+        return None
+    table = challenger_metrics["table"]
+    dataset = load_dataset(data_dir, tables=(table,))
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = resolve_model_uri(f"models:/{config.model_name}/{version}", Path(tmp))
+        model = UpliftModel.load(folder, expected_features=dataset.meta.feature_columns)
+        metrics, _ = model_metrics(
+            model,
+            dataset,
+            float(challenger_metrics["budget"]),
+            table,
+            challenger_metrics["estimator"],
+        )
+    return float(metrics["eom"])
+
+
+def record_decision(config: PromoteParams, version: str, decision: GateDecision) -> None:
+    """Tag the version with the decision and its reason; move ``champion`` if promoted."""
+    client = MlflowClient()
+    for key, value in decision.tags().items():
+        client.set_model_version_tag(config.model_name, version, key, value)
+    if decision.promoted:
+        client.set_registered_model_alias(config.model_name, CHAMPION, version)
+
+
+def resolve_model_uri(ref: str, dest: Path | None = None) -> Path:
+    """A local model folder for ``ref``: a folder path as is, or ``models:/NAME@alias`` (or
+    ``models:/NAME/VERSION``) downloaded from the registry at ``MLFLOW_TRACKING_URI``."""
+    if not ref.startswith("models:/"):
+        return Path(ref)
+    target = dest or Path(tempfile.mkdtemp(prefix="bidfcl-model-"))
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=str(target)))
+    found = sorted(path.parent for path in local.rglob(MODEL_FILE))
+    if not found:
+        raise FileNotFoundError(f"{ref}: the registered model holds no {MODEL_FILE}")
+    return found[0]

@@ -1,0 +1,250 @@
+"""The Prefect flow end to end on the small dataset, in a throwaway git + DVC project.
+
+One Prefect test harness serves the whole session. The module runs the flow twice on the
+same batch (first model promoted, then an equal challenger rejected) and then on a corrupt
+batch (stopped at validation, nothing downstream touched).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import shutil
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pandas as pd
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
+
+from bidfcl import pipeline, registry
+from bidfcl.cli import app
+from bidfcl.scoring import allocate_file
+from test_pipeline import REPO, make_project
+
+FLOW_FILE = REPO / "flows" / "pipeline.py"
+MODEL_NAME = "bidfcl-uplift"
+
+
+@pytest.fixture(scope="session")
+def prefect_harness() -> Iterator[None]:
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield
+
+
+@pytest.fixture(scope="module")
+def flow_module() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bidfcl_flow", FLOW_FILE)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # Prefect finds a deployable flow's module by name
+    spec.loader.exec_module(module)
+    return module
+
+
+@dataclass
+class Runs:
+    root: Path
+    batch: Path
+    first: dict[str, Any]
+    second: dict[str, Any]
+
+    def client(self) -> MlflowClient:
+        uri = registry.tracking_uri(self.root, pipeline.PromoteParams())
+        return MlflowClient(uri, uri)
+
+
+@pytest.fixture(scope="module")
+def runs(
+    prefect_harness: None,
+    flow_module: ModuleType,
+    small_dataset_dir: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    monkeypatch_module: pytest.MonkeyPatch,
+) -> Runs:
+    """Two flow runs on the same batch; tsm-rct as the candidate keeps training short."""
+    monkeypatch_module.delenv("MLFLOW_TRACKING_URI", raising=False)
+    base = tmp_path_factory.mktemp("flow")
+    batch = base / "incoming"
+    shutil.copytree(small_dataset_dir, batch)
+    root = make_project(
+        base / "project",
+        train={"method": "tsm-rct", "max_epochs": 2, "patience": 1},
+        baselines={"methods": []},
+    )
+    flow = flow_module.bidfcl_pipeline
+    first = flow(project_dir=str(root), data_path=str(batch))
+    second = flow(project_dir=str(root), data_path=str(batch))
+    return Runs(root, batch, first, second)
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module() -> Iterator[pytest.MonkeyPatch]:
+    with pytest.MonkeyPatch.context() as patch:
+        yield patch
+
+
+def dvc_status(root: Path) -> dict:
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        return repo.status()
+
+
+def fingerprint(root: Path) -> dict[str, str]:
+    """Hashes of every artifact a failed run must leave alone."""
+    paths = [root / "data.dvc", root / "dvc.lock", root / pipeline.PROMOTION_FILE]
+    for folder in (pipeline.RAW_DIR, pipeline.MODELS_DIR, pipeline.METRICS_DIR):
+        paths += sorted(p for p in (root / folder).rglob("*") if p.is_file())
+    return {str(p.relative_to(root)): hashlib.md5(p.read_bytes()).hexdigest() for p in paths}
+
+
+def test_first_run_completes_and_promotes_exactly_one_champion(runs: Runs) -> None:
+    promotion = runs.first["promotion"]
+    assert promotion["decision"] == "promoted"
+    assert promotion["version"] == promotion["champion_version"] == "1"
+    assert [row["method"] for row in runs.first["rows"]] == ["tsm-rct"]
+    row = runs.first["rows"][0]
+    assert row["eom_ci_low"] < row["eom"] < row["eom_ci_high"]
+    assert row["true_value"] is not None
+    versions = runs.client().search_model_versions(f"name='{MODEL_NAME}'")
+    promoted = [v for v in versions if v.tags.get("decision") == "promoted"]
+    assert [str(v.version) for v in promoted] == ["1"]
+    champion = runs.client().get_model_version_by_alias(MODEL_NAME, "champion")
+    assert str(champion.version) == "1"
+
+
+def flow_artifacts(key: str) -> list[Any]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        return client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key]))
+        )
+
+
+def test_each_run_publishes_a_table_of_methods_and_the_gate_decision(runs: Runs) -> None:
+    tables = flow_artifacts("bidfcl-methods")
+    assert len(tables) >= 2
+    assert all(table.type == "table" and "tsm-rct" in str(table.data) for table in tables)
+    descriptions = " ".join(str(table.description) for table in tables)
+    assert "promoted" in descriptions
+    assert "rejected (no better challenger" in descriptions
+
+
+def test_dvc_knows_everything_the_flow_wrote(runs: Runs) -> None:
+    assert dvc_status(runs.root) == {}
+    tracked = yaml.safe_load((runs.root / "data.dvc").read_text())
+    assert tracked["outs"][0]["path"] == "data/raw"
+    assert tracked["outs"][0]["md5"] == tracked["deps"][0]["md5"]
+    assert sorted(p.name for p in (runs.root / "data" / "raw").glob("*.parquet")) == [
+        "obs.parquet",
+        "rct_test.parquet",
+        "rct_train.parquet",
+        "rct_val.parquet",
+        "truth.parquet",
+    ]
+
+
+def test_second_run_on_the_same_data_promotes_nothing_and_says_why(runs: Runs) -> None:
+    promotion = runs.second["promotion"]
+    assert promotion["decision"] == "rejected"
+    assert promotion["reason"].startswith("no better challenger")
+    assert promotion["champion_version"] == "1"
+    client = runs.client()
+    version = client.get_model_version(MODEL_NAME, promotion["version"])
+    assert version.tags["decision"] == "rejected"
+    assert version.tags["reason"] == promotion["reason"]
+    assert str(client.get_model_version_by_alias(MODEL_NAME, "challenger").version) == "2"
+    assert str(client.get_model_version_by_alias(MODEL_NAME, "champion").version) == "1"
+
+
+def test_the_champion_loads_from_the_registry_and_allocates(
+    runs: Runs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    result = CliRunner().invoke(
+        app,
+        [
+            "resolve-model",
+            f"models:/{MODEL_NAME}@champion",
+            "--root",
+            str(runs.root),
+            "--params",
+            str(runs.root / "params.yaml"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    model_dir = Path(result.stdout.strip().splitlines()[-1])
+    users = tmp_path / "users.parquet"
+    pd.read_parquet(runs.batch / "rct_test.parquet").to_parquet(users)
+    plan = tmp_path / "plan.parquet"
+    allocation = allocate_file(model_dir, users, budget=1.0, out=plan)
+    assert allocation.mean_cost <= 1.0 + 1e-6
+
+    monkeypatch.chdir(runs.root)  # `bidfcl allocate` finds the registry through params.yaml
+    from_registry = tmp_path / "plan-from-registry.parquet"
+    result = CliRunner().invoke(
+        app,
+        [
+            "allocate",
+            f"models:/{MODEL_NAME}@champion",
+            str(users),
+            "--budget",
+            "1.0",
+            "--out",
+            str(from_registry),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert pd.read_parquet(from_registry).equals(pd.read_parquet(plan))
+
+
+def test_a_corrupt_batch_stops_at_validation_and_touches_nothing(
+    runs: Runs, flow_module: ModuleType, tmp_path: Path
+) -> None:
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(runs.batch, corrupt)
+    frame = pd.read_parquet(corrupt / "rct_train.parquet")
+    frame.loc[frame.index[:5], "treatment"] = 9
+    frame.to_parquet(corrupt / "rct_train.parquet", index=False)
+    before = fingerprint(runs.root)
+    n_versions = len(runs.client().search_model_versions(f"name='{MODEL_NAME}'"))
+
+    state = flow_module.bidfcl_pipeline(
+        project_dir=str(runs.root), data_path=str(corrupt), return_state=True
+    )
+
+    assert state.is_failed()
+    with pytest.raises(pipeline.ValidationFailed, match=r"rct_train\.parquet.*treatment"):
+        state.result()
+    report = yaml.safe_load((runs.root / pipeline.VALIDATION_REPORT).read_text())
+    assert not report["passed"]
+    assert fingerprint(runs.root) == before
+    assert any("rct_train.parquet" in str(a.data) for a in flow_artifacts("validation-report"))
+    assert len(runs.client().search_model_versions(f"name='{MODEL_NAME}'")) == n_versions
+    assert str(runs.client().get_model_version_by_alias(MODEL_NAME, "champion").version) == "1"
+
+
+def test_the_nightly_deployment_matches_prefect_yaml(flow_module: ModuleType) -> None:
+    declared = yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]
+    nightly = next(d for d in declared if d["name"] == "nightly")
+    assert nightly == flow_module.nightly_deployment()
+    assert nightly["entrypoint"] == "flows/pipeline.py:bidfcl_pipeline"
+    assert nightly["schedules"][0]["cron"] == "0 2 * * *"
+    flow = flow_module.bidfcl_pipeline
+    assert set(nightly["parameters"]) <= set(flow.parameters.properties)
+    assert flow.validate_parameters(nightly["parameters"]) == nightly["parameters"]
+    deployment = flow.to_deployment(
+        name=nightly["name"], cron=nightly["schedules"][0]["cron"], parameters=nightly["parameters"]
+    )
+    assert deployment.schedules[0].schedule.cron == "0 2 * * *"
+    assert deployment.parameters == nightly["parameters"]
