@@ -75,14 +75,14 @@ def pifd_loss(
     lam: float | torch.Tensor,
     h: float,
 ) -> torch.Tensor:
-    """Primal improved finite difference: -(1/N) sum_ij stopgrad(g_ij) a_ij.
+    """Primal improved finite difference: -(1/N) sum_ij stopgrad(g_ij - mean_k g_ik) a_ij.
 
-    Its gradient with respect to a_ij is -g_ij / N, the finite-difference slope of V (see
-    :func:`pifd_slopes`), pushed into the network through the scores.
+    Its gradient with respect to a_ij is the finite-difference slope of V (see
+    :func:`pifd_slopes`), centred per user, pushed into the network through the scores.
     """
     scores = lagrangian_scores(revenue_hat, cost_hat, lam)
     slopes = pifd_slopes(scores, treatment, _ipw(revenue, propensity, scores), h)
-    return -(slopes * scores).sum(dim=-1).mean()
+    return _push_slopes(slopes, scores)
 
 
 def pifd_slopes(
@@ -173,8 +173,7 @@ def dual_ifd_loss(
     the network is pushed away from arms that lose money at that price of budget.
     """
     scores, weights = _grid(revenue_hat, cost_hat, revenue, cost, propensity, lams)
-    slopes = pifd_slopes(scores, treatment, weights, h)
-    return -(slopes * scores).sum(dim=-1).mean()
+    return _push_slopes(pifd_slopes(scores, treatment, weights, h), scores)
 
 
 def lagrangian_scores(
@@ -197,6 +196,19 @@ def _grid(
     scores = revenue_hat.unsqueeze(0) - grid.unsqueeze(-1) * cost_hat.unsqueeze(0)
     weights = (_as(revenue, scores) - grid * _as(cost, scores)) / _as(propensity, scores)
     return scores, weights
+
+
+def _push_slopes(slopes: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """-(1/N) sum_ij stopgrad(g_ij - mean_k g_ik) a_ij: the slopes, centred per user.
+
+    The argmax policy ignores a common shift of a user's scores, so the part of the slopes
+    along that shift carries no decision information; left in, it moves all of a user's
+    scores together and (through a = r - lam c) drags the predicted costs up until the
+    budget cannot be met (measured: benchmarks/methods.py, dfcl-pifd deployed at lambda =
+    inf after long training). Centring removes exactly that part.
+    """
+    centred = slopes - slopes.mean(dim=-1, keepdim=True)
+    return -(centred * scores).sum(dim=-1).mean()
 
 
 def _softmax_value(
