@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Sampler
 from torch.utils.data import Dataset as TorchDataset
 
@@ -129,3 +130,32 @@ class UpliftDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
+
+
+class ObsRctDataModule(UpliftDataModule):
+    """OBS batches paired with RCT batches, the RCT loader cycled so every OBS batch has one.
+
+    Each training item is ``{"obs": Batch, "rct": Batch}``; an epoch is one pass over OBS.
+    The bi-level learner steps the Target on the OBS half and the Bridge on the RCT half.
+    """
+
+    def __init__(
+        self,
+        obs: Batch,
+        rct: Batch,
+        val: Batch,
+        batch_size: int,
+        rct_batch_size: int,
+        seed: int,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__(obs, val, batch_size, seed, num_workers)
+        self.rct_rows = rct
+        self.rct_sampler = ShuffledBatches(rct.n_rows, rct_batch_size, seed + 1)
+
+    def train_dataloader(self) -> CombinedLoader:  # type: ignore[override]
+        loaders = {
+            "obs": self._loader(self.train_rows, self.train_sampler),
+            "rct": self._loader(self.rct_rows, self.rct_sampler),
+        }
+        return CombinedLoader(loaders, mode="max_size_cycle")

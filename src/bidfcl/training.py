@@ -15,6 +15,9 @@ stopping watches the same number.
   warm-started from a ``tsm-rct`` model.
 - ``dfcl-pl`` / ``dfcl-ifd``: DFCL's dual losses over a lambda grid (scales of the current
   lambda*), plus alpha * MSE; warm-started the same way.
+- ``bidfcl-ppl`` / ``bidfcl-pifd``: the bi-level learner of :mod:`bidfcl.bilevel` (a Bridge
+  tuned by the RCT decision loss mixes a frozen tsm-rct Teacher into the OBS pseudo-labels
+  of the Target); they train their own tsm-rct Teacher, which is also the Target's start.
 """
 
 from __future__ import annotations
@@ -79,6 +82,17 @@ class TrainConfig:
     ips_clip: float = 0.05
     propensity_steps: int = 200
     warm_start_epochs: int = 10
+    bilevel_k: int = 5
+    n_cg: int = 50
+    cg_tol: float = 1e-2
+    cg_damping: float = 1.0
+    lookahead_lr: float = 1e-2
+    bridge_lr: float = 1e-3
+    bridge_hidden: tuple[int, ...] = (32,)
+    bridge_warmup_epochs: int = 1
+    pseudo_label_weight: float = 1.0
+    bridge: str = "gate"
+    hypergradient: str = "implicit"
     accelerator: str = "auto"
     deterministic: bool = True
     num_workers: int = 0
@@ -90,6 +104,7 @@ class TrainConfig:
         if self.method not in METHOD_SPECS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {list(METHODS)}")
         object.__setattr__(self, "hidden", tuple(int(w) for w in self.hidden))
+        object.__setattr__(self, "bridge_hidden", tuple(int(w) for w in self.bridge_hidden))
         object.__setattr__(
             self, "dual_lambda_scales", tuple(float(s) for s in self.dual_lambda_scales)
         )
@@ -104,6 +119,11 @@ class TrainConfig:
             "h": self.h,
             "propensity_steps": self.propensity_steps,
             "warm_start_epochs": self.warm_start_epochs,
+            "bilevel_k": self.bilevel_k,
+            "n_cg": self.n_cg,
+            "cg_tol": self.cg_tol,
+            "lookahead_lr": self.lookahead_lr,
+            "bridge_lr": self.bridge_lr,
         }
         bad = {name: value for name, value in positive.items() if not value > 0}
         if bad:
@@ -116,6 +136,15 @@ class TrainConfig:
             raise ValueError(f"num_threads must be >= 1 or null, got {self.num_threads}")
         if self.alpha < 0 or self.weight_decay < 0 or self.num_workers < 0:
             raise ValueError("alpha, weight_decay and num_workers must be >= 0")
+        if min(self.cg_damping, self.pseudo_label_weight, self.bridge_warmup_epochs) < 0:
+            raise ValueError(
+                "cg_damping, pseudo_label_weight and bridge_warmup_epochs must be >= 0"
+            )
+        if self.bridge not in ("gate", "ipw") or self.hypergradient not in ("implicit", "explicit"):
+            raise ValueError(
+                f"bridge must be gate|ipw and hypergradient implicit|explicit, got "
+                f"{self.bridge!r}, {self.hypergradient!r}"
+            )
         if not self.dual_lambda_scales or min(self.dual_lambda_scales) < 0:
             raise ValueError(
                 f"dual_lambda_scales must be non-empty and >= 0: {self.dual_lambda_scales}"
@@ -140,6 +169,7 @@ class TrainConfig:
         return {
             **asdict(self),
             "hidden": list(self.hidden),
+            "bridge_hidden": list(self.bridge_hidden),
             "dual_lambda_scales": list(self.dual_lambda_scales),
         }
 
@@ -354,6 +384,7 @@ class MethodSpec:
     decision method: it must train on RCT rows (the loss needs known propensities), uses
     ``decision_batch_size`` and ``decision_lr``, re-solves lambda* every epoch and adds
     alpha * MSE. ``warm_start`` names the method whose trained model it starts from.
+    ``bilevel`` methods train in :func:`bidfcl.bilevel.train_bilevel_stage` instead.
     """
 
     sources: tuple[str, ...]
@@ -361,6 +392,7 @@ class MethodSpec:
     ips_weighted: bool = False
     warm_start: str | None = None
     learner: type[UpliftLearner] = UpliftLearner
+    bilevel: bool = False
 
     @property
     def decision(self) -> bool:
@@ -376,6 +408,8 @@ METHOD_SPECS: dict[str, MethodSpec] = {
     "dfcl-pifd": MethodSpec((RCT_TRAIN,), pifd_decision, warm_start="tsm-rct"),
     "dfcl-pl": MethodSpec((RCT_TRAIN,), dual_pl_decision, warm_start="tsm-rct"),
     "dfcl-ifd": MethodSpec((RCT_TRAIN,), dual_ifd_decision, warm_start="tsm-rct"),
+    "bidfcl-ppl": MethodSpec((OBS, RCT_TRAIN), ppl_decision, bilevel=True),
+    "bidfcl-pifd": MethodSpec((OBS, RCT_TRAIN), pifd_decision, bilevel=True),
 }
 METHODS: tuple[str, ...] = tuple(METHOD_SPECS)
 
@@ -410,7 +444,7 @@ def train_model(
                 config, method=spec.warm_start, max_epochs=config.warm_start_epochs
             )
             warm_start = _train_stage(dataset, warm_config, budget, progress, None)
-        model = _train_stage(dataset, config, budget, progress, warm_start)
+        model = _stage_for(spec)(dataset, config, budget, progress, warm_start)
     model.metadata["warm_start"] = (
         None
         if warm_start is None
@@ -428,6 +462,14 @@ def train_to_folder(
     """Load a dataset folder, train ``config.method`` and save the model folder atomically."""
     dataset = load_dataset(data_dir, tables=(OBS, RCT_TRAIN, RCT_VAL))
     return train_model(dataset, config, progress).save(out_dir)
+
+
+def _stage_for(spec: MethodSpec) -> Callable[..., UpliftModel]:
+    if not spec.bilevel:
+        return _train_stage
+    from bidfcl.bilevel import train_bilevel_stage  # bilevel builds on this module
+
+    return train_bilevel_stage
 
 
 def _train_stage(
@@ -467,6 +509,22 @@ def _train_stage(
         config.seed,
         config.num_workers,
     )
+    return fit_learner(learner, data, dataset, config, budget, progress, train_rows.n_rows)
+
+
+def fit_learner(
+    learner: UpliftLearner,
+    data: L.LightningDataModule,
+    dataset: Dataset,
+    config: TrainConfig,
+    budget: float,
+    progress: bool,
+    n_train_rows: int,
+) -> UpliftModel:
+    """Fit ``learner`` on ``data``; return its model (CPU) at the best validation-EOM epoch,
+    with the run described in its metadata."""
+    model = learner.model
+    spec = METHOD_SPECS[config.method]
     started = time.perf_counter()
     with _quiet_lightning():
         _trainer(config, progress).fit(learner, datamodule=data)
@@ -488,7 +546,7 @@ def _train_stage(
         "fit_seconds": seconds,
         "seconds_per_epoch": seconds / max(1, epochs_run),
         "training_tables": list(spec.sources),
-        "n_train_rows": train_rows.n_rows,
+        "n_train_rows": n_train_rows,
         "train_config": config.to_dict(),
         "dataset": dataset.meta.to_dict(),
         "dataset_path": str(dataset.path) if dataset.path is not None else None,

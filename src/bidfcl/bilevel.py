@@ -1,0 +1,401 @@
+"""Bi-DFCL: the bi-level learner that lets a small RCT steer how a large OBS log is used.
+
+Three networks:
+- Teacher: the tsm-rct warm start, frozen. Unbiased (RCT) but noisy.
+- Target: the deployed UpliftNet, started from the same warm start. Lower level: its
+  parameters theta minimise the factual MSE on OBS plus the MSE to pseudo-labels for the
+  arms each OBS user did not receive.
+- Bridge: an MLP whose parameters phi give per-user, per-arm gates w in (0, 1) (revenue and
+  cost) mixing Teacher and Target predictions into those pseudo-labels:
+  label = w * teacher + (1 - w) * anchor, the anchor being the Target's own prediction
+  before the step. The ablation bridge (``bridge: ipw``) instead gives one weight per OBS
+  row on the factual MSE, with no pseudo-labels.
+
+Upper level: phi minimises the RCT decision loss (PPL or PIFD at lambda*) of theta*(phi).
+Every ``bilevel_k``-th OBS batch the learner copies theta, takes k look-ahead SGD steps
+on the lower loss (theta_k ~ theta*(phi)) and steps phi along the hypergradient:
+- implicit (default): by the implicit function theorem, solve (H + damping I) v =
+  grad_theta L_upper(theta_k) by conjugate gradient on Hessian-vector products of the
+  lower loss (double backprop, no Hessian is formed), then
+  grad_phi = -d/dphi (grad_theta L_lower(theta_k, phi) . v);
+- explicit (ablation): differentiate L_upper through the last look-ahead step.
+Every OBS batch the Target takes one real Adam step on the lower loss with the current
+gates. The saved model is the Target at its best validation-EOM epoch, so evaluation and
+allocation treat it like any other method's model.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import NamedTuple
+
+import lightning as L
+import torch
+from torch import nn
+from torch.func import functional_call
+from torch.nn import functional as F
+
+from bidfcl.contract import OBS, RCT_TRAIN, RCT_VAL, Dataset, Truth
+from bidfcl.datamodule import Batch, ObsRctDataModule, batch_of
+from bidfcl.losses import factual_mse
+from bidfcl.model import UpliftModel
+from bidfcl.training import (
+    METHOD_SPECS,
+    DecisionLoss,
+    TrainConfig,
+    UpliftLearner,
+    fit_learner,
+    train_model,
+)
+
+TEACHER_METHOD = "tsm-rct"
+
+# (theta, phi) -> scalar lower loss; theta is one flat vector, phi the Bridge's tensors.
+LowerLoss = Callable[[torch.Tensor, Sequence[torch.Tensor]], torch.Tensor]
+UpperLoss = Callable[[torch.Tensor], torch.Tensor]
+
+# --------------------------------------------------------------------------- hypergradients
+
+
+@dataclass(frozen=True)
+class CGResult:
+    """A conjugate-gradient solution, the iterations taken and the final relative residual."""
+
+    solution: torch.Tensor
+    iterations: int
+    relative_residual: float
+
+
+def conjugate_gradient(
+    matvec: Callable[[torch.Tensor], torch.Tensor],
+    rhs: torch.Tensor,
+    max_iter: int,
+    tol: float,
+) -> CGResult:
+    """Solve A x = rhs for a symmetric positive-definite A known only through x -> A x.
+
+    Stops once ||rhs - A x|| <= tol ||rhs|| or after ``max_iter`` products. A direction of
+    non-positive curvature (A not positive definite there) also stops it, keeping the
+    iterate so far (zero if it is the first direction; see :func:`implicit_hypergradient`).
+    """
+    solution = torch.zeros_like(rhs)
+    residual = rhs.clone()
+    direction = residual.clone()
+    residual_sq = residual.dot(residual)
+    target_sq = (tol * rhs.norm()) ** 2
+    iterations = 0
+    while iterations < max_iter and residual_sq > target_sq:
+        product = matvec(direction)
+        curvature = direction.dot(product)
+        if not curvature > 0:  # also catches NaN
+            break
+        step = residual_sq / curvature
+        solution = solution + step * direction
+        residual = residual - step * product
+        new_residual_sq = residual.dot(residual)
+        direction = residual + (new_residual_sq / residual_sq) * direction
+        residual_sq = new_residual_sq
+        iterations += 1
+    relative = float(residual_sq.sqrt() / rhs.norm().clamp_min(torch.finfo(rhs.dtype).tiny))
+    return CGResult(solution, iterations, relative)
+
+
+def implicit_hypergradient(
+    lower_loss: LowerLoss,
+    upper_loss: UpperLoss,
+    theta: torch.Tensor,
+    phi: Sequence[torch.Tensor],
+    n_cg: int,
+    tol: float,
+    damping: float,
+) -> tuple[list[torch.Tensor], CGResult]:
+    """d L_upper(theta*(phi)) / d phi by the implicit function theorem, at theta ~ theta*.
+
+    v solves (H + damping I) v = grad_theta L_upper with H the lower loss's Hessian in theta
+    (CG on Hessian-vector products by double backprop); the hypergradient is
+    -d/dphi (grad_theta L_lower . v) with v held constant. ``CGResult.iterations == 0``
+    (or a non-finite solution) falls back to v = grad_theta L_upper / damping. L_upper must
+    not depend on phi directly (true here: the RCT loss sees phi only through theta*).
+    """
+    theta = theta.detach().requires_grad_(True)
+    (upper_grad,) = torch.autograd.grad(upper_loss(theta), theta)
+    (lower_grad,) = torch.autograd.grad(lower_loss(theta, phi), theta, create_graph=True)
+
+    def damped_hvp(vector: torch.Tensor) -> torch.Tensor:
+        (hvp,) = torch.autograd.grad(lower_grad, theta, vector, retain_graph=True)
+        return hvp + damping * vector
+
+    cg = conjugate_gradient(damped_hvp, upper_grad, n_cg, tol)
+    solution = cg.solution.detach()
+    if cg.iterations == 0 or not bool(torch.isfinite(solution).all()):
+        # H + damping I is not positive definite along grad L_upper itself (an MLP's MSE
+        # Hessian is indefinite where residuals are large): fall back to H ~ damping I.
+        solution = upper_grad / damping if damping > 0 else upper_grad
+    mixed = torch.autograd.grad(lower_grad.dot(solution), phi)
+    return [-g for g in mixed], cg
+
+
+def unrolled_hypergradient(
+    lower_loss: LowerLoss,
+    upper_loss: UpperLoss,
+    theta: torch.Tensor,
+    phi: Sequence[torch.Tensor],
+    lr: float,
+) -> list[torch.Tensor]:
+    """d L_upper(theta - lr grad_theta L_lower(theta, phi)) / d phi: one differentiated step."""
+    theta = theta.detach().requires_grad_(True)
+    (lower_grad,) = torch.autograd.grad(lower_loss(theta, phi), theta, create_graph=True)
+    return list(torch.autograd.grad(upper_loss(theta - lr * lower_grad), phi))
+
+
+# --------------------------------------------------------------------------- networks
+
+
+class Bridge(nn.Module):
+    """Gates from the OBS user's features, logged arm and the Teacher/Target predictions.
+
+    ``per_arm``: sigmoid gates (N, M, 2) for revenue and cost of every arm; otherwise one
+    sigmoid weight per row (N,). The last layer starts at zero: every gate starts at 0.5.
+    """
+
+    def __init__(
+        self, n_inputs: int, n_treatments: int, hidden: tuple[int, ...], per_arm: bool
+    ) -> None:
+        super().__init__()
+        self.n_treatments = n_treatments
+        self.per_arm = per_arm
+        widths = (n_inputs, *hidden)
+        layers: list[nn.Module] = []
+        for width_in, width_out in itertools.pairwise(widths):
+            layers += [nn.Linear(width_in, width_out), nn.ReLU()]
+        out = nn.Linear(widths[-1], 2 * n_treatments if per_arm else 1)
+        nn.init.zeros_(out.weight)
+        nn.init.zeros_(out.bias)
+        self.mlp = nn.Sequential(*layers, out)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        gates = torch.sigmoid(self.mlp(inputs))
+        return gates.view(-1, self.n_treatments, 2) if self.per_arm else gates.squeeze(1)
+
+
+class ObsContext(NamedTuple):
+    """One OBS batch with everything the lower loss holds constant in theta and phi."""
+
+    batch: Batch
+    x_scaled: torch.Tensor  # (N, d)
+    bridge_inputs: torch.Tensor  # (N, d + 5M)
+    teacher: torch.Tensor  # (N, M, 2) revenue and cost
+    anchor: torch.Tensor  # (N, M, 2) the Target's prediction when the context was built
+    unreceived: torch.Tensor  # (N, M) bool, arms the user was not given
+
+
+def _flat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([t.detach().reshape(-1) for t in tensors])
+
+
+# --------------------------------------------------------------------------- Lightning module
+
+
+class BilevelLearner(UpliftLearner):
+    """Target (``model``), frozen Teacher (a copy of the warm start) and Bridge, trained by
+    manual optimisation: a Target step every OBS batch, a Bridge step every k-th."""
+
+    def __init__(
+        self,
+        model: UpliftModel,
+        decision_loss: DecisionLoss | None,
+        config: TrainConfig,
+        budget: float,
+        lr: float,
+        decision_x: torch.Tensor | None = None,
+        val_truth: Truth | None = None,
+    ) -> None:
+        super().__init__(model, decision_loss, config, budget, lr, decision_x, val_truth)
+        if decision_loss is None:
+            raise ValueError("the bi-level learner needs an upper-level decision loss")
+        self.upper_loss_fn = decision_loss
+        self.automatic_optimization = False
+        self.teacher = copy.deepcopy(model.net).requires_grad_(False)
+        n_arms = model.n_treatments
+        self.bridge = Bridge(
+            model.net.n_features + 5 * n_arms, n_arms, config.bridge_hidden, config.bridge == "gate"
+        )
+        self.param_names = [name for name, _ in self.net.named_parameters()]
+        self.param_shapes = [p.shape for p in self.net.parameters()]
+        self.param_sizes = [p.numel() for p in self.net.parameters()]
+        self.bridge_names = [name for name, _ in self.bridge.named_parameters()]
+        self.hyper_steps = 0
+        self.cg_iterations = 0
+        self.skipped_steps = 0
+        self.last_context: ObsContext | None = None
+        self.gate_means: list[float] = []  # mean gate on each epoch's last OBS batch
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        return [
+            torch.optim.Adam(
+                self.net.parameters(), lr=self.lr, weight_decay=self.config.weight_decay
+            ),
+            torch.optim.Adam(self.bridge.parameters(), lr=self.config.bridge_lr),
+        ]
+
+    def training_step(self, batch: dict[str, Batch], batch_idx: int) -> None:
+        """The schedule: a Bridge step every k-th OBS batch (after the warm-up), then a
+        Target step on every OBS batch; batch_idx counts OBS batches within the epoch."""
+        target_opt, bridge_opt = self.optimizers()
+        context = self.last_context = self._context(batch["obs"])
+        warm = self.current_epoch < self.config.bridge_warmup_epochs
+        if not warm and batch_idx % self.config.bilevel_k == 0:
+            hypergradient = self._hypergradient(context, batch["rct"])
+            if all(bool(torch.isfinite(g).all()) for g in hypergradient):
+                bridge_opt.zero_grad()
+                for param, grad in zip(self.bridge.parameters(), hypergradient, strict=True):
+                    param.grad = grad
+                bridge_opt.step()
+            else:  # a diverged look-ahead: skip the step rather than poison the Bridge
+                self.skipped_steps += 1
+
+        target_opt.zero_grad()
+        theta = dict(self.net.named_parameters())
+        phi = {name: p.detach() for name, p in self.bridge.named_parameters()}
+        loss = self._lower_loss(theta, phi, context)
+        self.manual_backward(loss)
+        target_opt.step()
+        self.log("train_lower", loss, on_step=False, on_epoch=True, batch_size=context.batch.n_rows)
+
+    def on_train_epoch_start(self) -> None:
+        super().on_train_epoch_start()
+        self.teacher.eval()  # Lightning puts every submodule in train mode at fit start
+
+    def on_train_epoch_end(self) -> None:
+        self.log("hyper_steps", float(self.hyper_steps), on_step=False, on_epoch=True)
+        if self.last_context is not None:
+            with torch.no_grad():
+                self.gate_means.append(float(self.bridge(self.last_context.bridge_inputs).mean()))
+
+    def _context(self, obs: Batch) -> ObsContext:
+        with torch.no_grad():
+            x_scaled = self.scaler(obs.x)
+            teacher = torch.stack(self.teacher(x_scaled), dim=-1)
+            anchor = torch.stack(self.net(x_scaled), dim=-1)
+            logged = F.one_hot(obs.treatment, self.model.n_treatments).to(x_scaled.dtype)
+            predictions = torch.log1p(torch.cat([teacher, anchor], dim=-1).flatten(1))
+            inputs = torch.cat([x_scaled, logged, predictions], dim=1)
+        return ObsContext(obs, x_scaled, inputs, teacher, anchor, logged == 0)
+
+    def _lower_loss(
+        self, theta: dict[str, torch.Tensor], phi: dict[str, torch.Tensor], ctx: ObsContext
+    ) -> torch.Tensor:
+        """Factual MSE on OBS plus the MSE to the Bridge's pseudo-labels on unreceived arms
+        (``ipw`` bridge: the factual MSE weighted per row by the Bridge instead)."""
+        revenue_hat, cost_hat = functional_call(self.net, theta, (ctx.x_scaled,))
+        gates = functional_call(self.bridge, phi, (ctx.bridge_inputs,))
+        b = ctx.batch
+        if self.config.bridge == "ipw":
+            return factual_mse(revenue_hat, cost_hat, b.treatment, b.revenue, b.cost, gates)
+        factual = factual_mse(revenue_hat, cost_hat, b.treatment, b.revenue, b.cost)
+        labels = ctx.anchor + gates * (ctx.teacher - ctx.anchor)
+        error = (torch.stack((revenue_hat, cost_hat), dim=-1) - labels).square().sum(dim=-1)
+        pseudo = error[ctx.unreceived].mean()
+        return factual + self.config.pseudo_label_weight * pseudo
+
+    def _unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        parts = flat.split(self.param_sizes)
+        return {
+            name: part.view(shape)
+            for name, part, shape in zip(self.param_names, parts, self.param_shapes, strict=True)
+        }
+
+    def _hypergradient(self, ctx: ObsContext, rct: Batch) -> list[torch.Tensor]:
+        """Look ahead k steps from a copy of theta, then the implicit or unrolled gradient."""
+        cfg = self.config
+        phi = list(self.bridge.parameters())
+        x_rct = self.scaler(rct.x)
+
+        def lower(theta: torch.Tensor, phi_values: Sequence[torch.Tensor]) -> torch.Tensor:
+            bridge_params = dict(zip(self.bridge_names, phi_values, strict=True))
+            return self._lower_loss(self._unflatten(theta), bridge_params, ctx)
+
+        def upper(theta: torch.Tensor) -> torch.Tensor:
+            revenue_hat, cost_hat = functional_call(self.net, self._unflatten(theta), (x_rct,))
+            return self.upper_loss_fn(revenue_hat, cost_hat, rct, self.lam, cfg)
+
+        frozen_phi = [p.detach() for p in phi]
+        theta = _flat(list(self.net.parameters()))
+        explicit = cfg.hypergradient == "explicit"
+        for _ in range(cfg.bilevel_k - 1 if explicit else cfg.bilevel_k):
+            theta = theta.requires_grad_(True)
+            (step,) = torch.autograd.grad(lower(theta, frozen_phi), theta)
+            theta = (theta - cfg.lookahead_lr * step).detach()
+        self.hyper_steps += 1
+        if explicit:
+            return unrolled_hypergradient(lower, upper, theta, phi, cfg.lookahead_lr)
+        grads, cg = implicit_hypergradient(
+            lower, upper, theta, phi, cfg.n_cg, cfg.cg_tol, cfg.cg_damping
+        )
+        self.cg_iterations += cg.iterations
+        self.log_dict(
+            {"cg_iterations": float(cg.iterations), "cg_residual": cg.relative_residual},
+            on_step=False,
+            on_epoch=True,
+            batch_size=1,
+        )
+        return grads
+
+
+# --------------------------------------------------------------------------- training stage
+
+
+def train_bilevel_stage(
+    dataset: Dataset,
+    config: TrainConfig,
+    budget: float,
+    progress: bool,
+    start_from: UpliftModel | None,
+) -> UpliftModel:
+    """Fit a bidfcl-* method; ``start_from`` (else a fresh tsm-rct fit of ``warm_start_epochs``)
+    is the Teacher and the Target's start.
+
+    The Target starts from tsm-rct rather than tsm-obs: the pseudo-labels then start at
+    unbiased values and the lower level has to earn any move towards the biased OBS.
+    The Teacher is trained here rather than through ``MethodSpec.warm_start`` so that the
+    model's ``warm_start`` metadata keeps meaning "fine-tuned from"; it is in ``teacher``.
+    """
+    spec = METHOD_SPECS[config.method]
+    if start_from is None:
+        teacher_config = replace(config, method=TEACHER_METHOD, max_epochs=config.warm_start_epochs)
+        start_from = train_model(dataset, teacher_config, progress)
+    L.seed_everything(config.seed, workers=True, verbose=False)
+    obs, rct = batch_of(dataset.logged(OBS)), batch_of(dataset.logged(RCT_TRAIN))
+    learner = BilevelLearner(
+        copy.deepcopy(start_from).to("cpu"),
+        spec.decision_loss,
+        config,
+        budget,
+        lr=config.lr,
+        decision_x=rct.x,
+        val_truth=dataset.truth_for(RCT_VAL),
+    )
+    data = ObsRctDataModule(
+        obs,
+        rct,
+        batch_of(dataset.logged(RCT_VAL)),
+        config.batch_size,
+        config.decision_batch_size,
+        config.seed,
+        config.num_workers,
+    )
+    model = fit_learner(learner, data, dataset, config, budget, progress, obs.n_rows + rct.n_rows)
+    model.metadata["teacher"] = {
+        key: start_from.metadata.get(key)
+        for key in ("method", "best_epoch", "best_val_eom", "epochs_run", "seconds_per_epoch")
+    }
+    model.metadata["bilevel"] = {
+        "hypergradient_steps": learner.hyper_steps,
+        "mean_cg_iterations": learner.cg_iterations / max(1, learner.hyper_steps),
+        "skipped_steps": learner.skipped_steps,
+        "gate_mean_per_epoch": learner.gate_means,
+    }
+    return model

@@ -1,0 +1,214 @@
+"""Bi-DFCL: CG on Hessian-vector products, the implicit hypergradient against a closed-form
+bilevel problem, and the bidfcl-* methods end to end."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+
+from bidfcl.bilevel import (
+    conjugate_gradient,
+    implicit_hypergradient,
+    unrolled_hypergradient,
+)
+from bidfcl.contract import OBS, RCT_TRAIN, RCT_VAL, Dataset
+from bidfcl.datamodule import ObsRctDataModule, batch_of
+from bidfcl.simulate import SimulatorConfig, simulate
+from bidfcl.training import TrainConfig, train_model
+
+TINY = TrainConfig(
+    max_epochs=2,
+    warm_start_epochs=1,
+    batch_size=256,
+    decision_batch_size=512,
+    hidden=(16, 8),
+    bridge_hidden=(8,),
+    bilevel_k=2,
+    n_cg=5,
+    bridge_warmup_epochs=0,
+    num_threads=1,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny() -> Dataset:
+    return simulate(SimulatorConfig(n_obs=2000, n_rct=1500, seed=11))
+
+
+def _spd_matrix(n: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    factor = torch.randn(n, n, generator=generator, dtype=torch.float64)
+    return factor @ factor.T + 0.5 * torch.eye(n, dtype=torch.float64)
+
+
+def test_cg_solves_an_spd_system_to_tolerance_from_products_alone() -> None:
+    matrix = _spd_matrix(30, seed=0)
+    rhs = torch.linspace(-1.0, 2.0, 30, dtype=torch.float64)
+    calls = []
+
+    def matvec(vector: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        return matrix @ vector
+
+    result = conjugate_gradient(matvec, rhs, max_iter=200, tol=1e-10)
+
+    exact = torch.linalg.solve(matrix, rhs)
+    assert torch.linalg.norm(matrix @ result.solution - rhs) <= 1e-10 * torch.linalg.norm(rhs)
+    assert torch.allclose(result.solution, exact, rtol=1e-6, atol=1e-8)
+    assert result.relative_residual <= 1e-10
+    assert result.iterations == len(calls) <= 200
+
+
+def test_cg_stops_at_max_iter_and_at_negative_curvature() -> None:
+    matrix = _spd_matrix(30, seed=1)
+    rhs = torch.ones(30, dtype=torch.float64)
+    capped = conjugate_gradient(lambda v: matrix @ v, rhs, max_iter=3, tol=1e-12)
+    assert capped.iterations == 3 and capped.relative_residual > 1e-12
+
+    indefinite = conjugate_gradient(lambda v: -v, rhs, max_iter=10, tol=1e-6)
+    assert indefinite.iterations == 0
+    assert torch.count_nonzero(indefinite.solution) == 0
+
+
+class RidgeBilevel:
+    """theta*(phi) = argmin ||X theta - y||^2 + sum_i exp(phi_i) theta_i^2 (closed form);
+    upper loss ||X_val theta - y_val||^2."""
+
+    def __init__(self, seed: int = 0, n: int = 40, p: int = 6) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        kwargs = {"generator": generator, "dtype": torch.float64}
+        truth = torch.randn(p, **kwargs)
+        self.x, self.x_val = torch.randn(n, p, **kwargs), torch.randn(n, p, **kwargs)
+        self.y = self.x @ truth + 0.5 * torch.randn(n, **kwargs)
+        self.y_val = self.x_val @ truth + 0.5 * torch.randn(n, **kwargs)
+        self.phi = 0.3 * torch.randn(p, **kwargs)
+
+    def lower(self, theta: torch.Tensor, phi: list[torch.Tensor]) -> torch.Tensor:
+        return (self.x @ theta - self.y).square().sum() + (phi[0].exp() * theta.square()).sum()
+
+    def upper(self, theta: torch.Tensor) -> torch.Tensor:
+        return (self.x_val @ theta - self.y_val).square().sum()
+
+    def theta_star(self, phi: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.solve(self.x.T @ self.x + torch.diag(phi.exp()), self.x.T @ self.y)
+
+    def finite_difference(self, eps: float = 1e-6) -> torch.Tensor:
+        steps = eps * torch.eye(self.phi.numel(), dtype=torch.float64)
+        return torch.stack(
+            [
+                (
+                    self.upper(self.theta_star(self.phi + s))
+                    - self.upper(self.theta_star(self.phi - s))
+                )
+                / (2 * eps)
+                for s in steps
+            ]
+        )
+
+
+def test_implicit_hypergradient_matches_finite_differences_on_ridge() -> None:
+    problem = RidgeBilevel()
+    phi = problem.phi.clone().requires_grad_(True)
+    theta = problem.theta_star(problem.phi)
+
+    (grad,), cg = implicit_hypergradient(
+        problem.lower, problem.upper, theta, [phi], n_cg=50, tol=1e-10, damping=0.0
+    )
+
+    reference = problem.finite_difference()
+    assert cg.iterations > 0 and cg.relative_residual <= 1e-10
+    assert torch.linalg.norm(grad - reference) / torch.linalg.norm(reference) < 1e-3
+
+
+def test_explicit_unrolled_hypergradient_points_the_same_way_on_ridge() -> None:
+    problem = RidgeBilevel(seed=3)
+    phi = problem.phi.clone().requires_grad_(True)
+    theta = problem.theta_star(problem.phi)
+
+    (implicit,), _ = implicit_hypergradient(
+        problem.lower, problem.upper, theta, [phi], n_cg=50, tol=1e-10, damping=0.0
+    )
+    (explicit,) = unrolled_hypergradient(problem.lower, problem.upper, theta, [phi], lr=1e-3)
+
+    cosine = torch.nn.functional.cosine_similarity(implicit, explicit, dim=0)
+    assert cosine > 0
+    assert torch.linalg.norm(problem.finite_difference() - implicit) < torch.linalg.norm(
+        problem.finite_difference() - explicit
+    )
+
+
+@pytest.mark.filterwarnings("ignore:.*LeafSpec.*deprecated")
+def test_obs_rct_loader_pairs_every_obs_batch_with_a_cycled_rct_batch(tiny: Dataset) -> None:
+    obs, rct = batch_of(tiny.logged(OBS)), batch_of(tiny.logged(RCT_TRAIN))
+    data = ObsRctDataModule(obs, rct, batch_of(tiny.logged(RCT_VAL)), 256, 512, seed=0)
+
+    batches = [batch for batch, _, _ in data.train_dataloader()]
+
+    assert len(batches) == math.ceil(obs.n_rows / 256)
+    assert sum(b["obs"].n_rows for b in batches) == obs.n_rows
+    rct_ids = torch.cat([b["rct"].user_id for b in batches])
+    assert len(rct_ids) > rct.n_rows  # cycled: RCT has fewer batches than OBS
+    assert set(rct_ids.tolist()) == set(rct.user_id.tolist())
+
+
+@pytest.mark.parametrize(
+    ("method", "settings"),
+    [
+        ("bidfcl-ppl", {}),
+        ("bidfcl-pifd", {}),
+        ("bidfcl-ppl", {"hypergradient": "explicit", "bridge": "ipw"}),
+    ],
+)
+def test_bidfcl_fast_dev_run_takes_bridge_and_target_steps(
+    tiny: Dataset, method: str, settings: dict[str, str]
+) -> None:
+    config = replace(TINY, method=method, fast_dev_run=True, **settings)
+
+    model = train_model(tiny, config, progress=False)
+
+    revenue_hat, cost_hat = model.predict(tiny.logged(RCT_VAL).x)
+    assert revenue_hat.shape == cost_hat.shape == (len(tiny.table(RCT_VAL)), 5)
+    assert torch.isfinite(revenue_hat).all() and torch.isfinite(cost_hat).all()
+    meta = model.metadata
+    assert meta["method"] == method and meta["teacher"]["method"] == "tsm-rct"
+    assert meta["bilevel"]["hypergradient_steps"] == 1
+    assert math.isfinite(meta["val_eom_history"][0]) and meta["history"][0]["lambda"] >= 0
+
+
+def test_bidfcl_moves_the_target_away_from_the_teacher_and_repeats_exactly(
+    tiny: Dataset,
+) -> None:
+    config = replace(TINY, method="bidfcl-pifd", max_epochs=1)
+    teacher = train_model(tiny, replace(config, method="tsm-rct", max_epochs=1), progress=False)
+
+    first = train_model(tiny, config, progress=False, warm_start=teacher)
+    again = train_model(tiny, config, progress=False, warm_start=teacher)
+
+    x = tiny.logged(RCT_VAL).x
+    assert not torch.allclose(first.predict(x)[0], teacher.predict(x)[0])
+    assert torch.equal(first.predict(x)[0], again.predict(x)[0])
+    assert first.metadata["bilevel"]["hypergradient_steps"] == math.ceil(math.ceil(2000 / 256) / 2)
+
+
+def test_implicit_hypergradient_falls_back_to_damping_without_positive_curvature() -> None:
+    # L_lower = -||theta||^2 + phi . theta: H + I = -I, so CG finds no positive curvature.
+    phi = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64, requires_grad=True)
+    target = torch.tensor([1.0, 2.0, -3.0], dtype=torch.float64)
+    theta = torch.zeros(3, dtype=torch.float64)
+
+    (grad,), cg = implicit_hypergradient(
+        lambda t, p: -t.square().sum() + p[0].dot(t),
+        lambda t: (t - target).square().sum(),
+        theta,
+        [phi],
+        n_cg=10,
+        tol=1e-8,
+        damping=1.0,
+    )
+
+    # v = grad L_upper / damping = -2 target; d/dphi (grad_theta L_lower . v) = v.
+    assert cg.iterations == 0
+    assert torch.allclose(grad, 2 * target)
