@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -216,7 +217,8 @@ def validate(root: Path, params: dict[str, Any]) -> dict[str, Any]:
     from bidfcl.validation import validate_dataset, write_report
 
     suites = section(params, "validate").get("suites")
-    report = validate_dataset(root / LANDING_DIR, None if suites is None else root / suites)
+    with chdir(root):  # the committed report names project-relative paths
+        report = validate_dataset(LANDING_DIR, suites)
     write_report(report, root / VALIDATION_REPORT)
     if not report.passed:
         raise ValidationFailed(report.render())
@@ -421,7 +423,8 @@ def promote(root: Path, params: dict[str, Any]) -> dict[str, Any]:
         "decision": "promoted" if decision.promoted else "rejected",
         **{k: v for k, v in asdict(decision).items() if k != "promoted"},
         "champion_version": registry.champion_version(root, config),
-        "tracking_uri": registry.tracking_uri(root, config),
+        # as configured (relative to the project root), so the committed file is portable
+        "tracking_uri": os.environ.get(registry.TRACKING_ENV) or config.tracking_uri,
         "runs": runs,
     }
     write_json(root / PROMOTION_FILE, summary)
