@@ -77,8 +77,7 @@ def runs(
     shutil.copytree(small_dataset_dir, batch)
     root = make_project(
         base / "project",
-        train={"method": "tsm-rct", "max_epochs": 2, "patience": 1},
-        baselines={"methods": []},
+        train={"method": "tsm-rct", "max_epochs": 2, "patience": 1, "baselines": []},
     )
     flow = flow_module.bidfcl_pipeline
     first = flow(project_dir=str(root), data_path=str(batch))

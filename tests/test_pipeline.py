@@ -102,7 +102,7 @@ def test_decision_tags_are_strings_naming_the_reason() -> None:
 
 
 def test_training_methods_put_the_configured_method_first_without_repeats() -> None:
-    params = {"train": {"method": "dfcl-ppl"}, "baselines": {"methods": ["tsm-rct", "dfcl-ppl"]}}
+    params = {"train": {"method": "dfcl-ppl", "baselines": ["tsm-rct", "dfcl-ppl"]}}
     assert pipeline.training_methods(params) == ["dfcl-ppl", "tsm-rct"]
     with pytest.raises(ValueError, match="unknown method"):
         pipeline.training_methods({"train": {"method": "nope"}})
@@ -183,8 +183,7 @@ def test_dvc_repro_runs_everything_then_nothing_and_exp_run_overrides(
     root = make_project(
         tmp_path / "project",
         ingest={"source": str(small_dataset_dir)},
-        train=FAST_TRAIN,
-        baselines={"methods": ["tsm-rct"]},
+        train={**FAST_TRAIN, "method": "tsm-rct", "baselines": ["tsm-rct"]},
     )
     dvc = [str(Path(sys.executable).with_name("dvc"))]
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}

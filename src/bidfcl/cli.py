@@ -258,7 +258,7 @@ def stage_version(root: RootOption = Path(".")) -> None:
 
 @stage_app.command("train")
 def stage_train(root: RootOption = Path("."), params: ParamsOption = Path("params.yaml")) -> None:
-    """Train train.method and baselines.methods on data/raw into models/."""
+    """Train train.method and train.baselines on data/raw into models/."""
     from bidfcl.pipeline import read_params, train
 
     typer.echo(f"trained {', '.join(train(root, read_params(params), progress=True))}")

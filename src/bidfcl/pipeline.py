@@ -2,7 +2,7 @@
 
 The CLI (``bidfcl stage ...``), ``dvc.yaml`` and the Prefect flow all call these functions, so
 the three entry points run the same code. Every stage reads only its own ``params.yaml``
-section (train also reads ``baselines``, the list of methods trained beside ``train.method``)
+section
 and writes its artifacts at fixed paths under the project root, each file or folder replaced
 atomically so a failed stage leaves the previous artifacts in place.
 
@@ -132,11 +132,11 @@ def promote_params(params: dict[str, Any]) -> PromoteParams:
 
 
 def training_methods(params: dict[str, Any]) -> list[str]:
-    """``train.method`` first, then ``baselines.methods`` without repeats."""
+    """``train.method`` first, then ``train.baselines`` without repeats."""
     from bidfcl.training import METHODS
 
-    configured = section(params, "train").get("method", "tsm-rct")
-    methods = list(dict.fromkeys([configured, *section(params, "baselines").get("methods", [])]))
+    train = section(params, "train")
+    methods = list(dict.fromkeys([train.get("method", "tsm-rct"), *train.get("baselines", [])]))
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"params.yaml: unknown method(s) {unknown}; choose from {list(METHODS)}")
@@ -238,7 +238,7 @@ def version(root: Path) -> dict[str, Any]:
 
 
 def train(root: Path, params: dict[str, Any], progress: bool = False) -> list[str]:
-    """Train ``train.method`` and the baselines on ``data/raw`` into ``models/<method>/``."""
+    """Train ``train.method`` and ``train.baselines`` on ``data/raw`` into ``models/<method>/``."""
     from bidfcl.training import TrainConfig, train_to_folder
 
     methods = training_methods(params)

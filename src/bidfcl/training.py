@@ -99,11 +99,15 @@ class TrainConfig:
     num_threads: int | None = None
     fast_dev_run: bool = False
     log_dir: str | None = None
+    baselines: tuple[str, ...] = ()  # the pipeline's train stage also trains these methods
 
     def __post_init__(self) -> None:
-        if self.method not in METHOD_SPECS:
-            raise ValueError(f"unknown method {self.method!r}; choose one of {list(METHODS)}")
         object.__setattr__(self, "hidden", tuple(int(w) for w in self.hidden))
+        object.__setattr__(self, "baselines", tuple(str(m) for m in self.baselines))
+        unknown = [m for m in (self.method, *self.baselines) if m not in METHOD_SPECS]
+        if unknown:
+            named = ", ".join(map(repr, unknown))
+            raise ValueError(f"unknown method {named}; choose one of {list(METHODS)}")
         object.__setattr__(self, "bridge_hidden", tuple(int(w) for w in self.bridge_hidden))
         object.__setattr__(
             self, "dual_lambda_scales", tuple(float(s) for s in self.dual_lambda_scales)
@@ -171,6 +175,7 @@ class TrainConfig:
             "hidden": list(self.hidden),
             "bridge_hidden": list(self.bridge_hidden),
             "dual_lambda_scales": list(self.dual_lambda_scales),
+            "baselines": list(self.baselines),
         }
 
 
