@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from bidfcl.contract import Dataset
+
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -25,6 +27,14 @@ def small_dataset_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("sim") / "data"
     simulate_to_folder(out, SimulatorConfig(**SMALL), progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny() -> Dataset:
+    """An in-memory simulated dataset small enough for one- or two-epoch training runs."""
+    from bidfcl.simulate import SimulatorConfig, simulate
+
+    return simulate(SimulatorConfig(n_obs=2000, n_rct=1500, seed=11))
 
 
 @pytest.fixture

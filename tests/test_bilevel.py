@@ -16,7 +16,6 @@ from bidfcl.bilevel import (
 )
 from bidfcl.contract import OBS, RCT_TRAIN, RCT_VAL, Dataset
 from bidfcl.datamodule import ObsRctDataModule, batch_of
-from bidfcl.simulate import SimulatorConfig, simulate
 from bidfcl.training import TrainConfig, train_model
 
 TINY = TrainConfig(
@@ -31,11 +30,6 @@ TINY = TrainConfig(
     bridge_warmup_epochs=0,
     num_threads=1,
 )
-
-
-@pytest.fixture(scope="module")
-def tiny() -> Dataset:
-    return simulate(SimulatorConfig(n_obs=2000, n_rct=1500, seed=11))
 
 
 def _spd_matrix(n: int, seed: int) -> torch.Tensor:

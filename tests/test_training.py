@@ -14,7 +14,6 @@ from bidfcl.contract import OBS, RCT_TRAIN, RCT_VAL, Dataset, load_dataset
 from bidfcl.datamodule import ShuffledBatches
 from bidfcl.evaluation import expected_outcome_metric
 from bidfcl.model import UpliftModel
-from bidfcl.simulate import SimulatorConfig, simulate
 from bidfcl.training import (
     METHODS,
     TrainConfig,
@@ -33,11 +32,6 @@ TINY = TrainConfig(
     hidden=(16, 8),
     num_threads=1,
 )
-
-
-@pytest.fixture(scope="module")
-def tiny() -> Dataset:
-    return simulate(SimulatorConfig(n_obs=2000, n_rct=1500, seed=11))
 
 
 def _state(model: UpliftModel) -> dict[str, torch.Tensor]:
