@@ -422,11 +422,6 @@ METHODS: tuple[str, ...] = tuple(METHOD_SPECS)
 # --------------------------------------------------------------------------- training
 
 
-def resolve_budget(dataset: Dataset, config: TrainConfig) -> float:
-    """The config's budget, else the dataset's ``default_budget`` (mean cost per user)."""
-    return dataset.meta.budget_or_default(config.budget)
-
-
 def train_model(
     dataset: Dataset,
     config: TrainConfig,
@@ -442,7 +437,7 @@ def train_model(
     the dataset's metadata.
     """
     spec = METHOD_SPECS[config.method]
-    budget = resolve_budget(dataset, config)
+    budget = dataset.meta.budget_or_default(config.budget)
     with _scoped_torch_settings(config.num_threads):
         if warm_start is None and spec.warm_start is not None:
             warm_config = replace(
