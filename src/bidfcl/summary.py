@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from bidfcl.allocation import solve_mckp
-from bidfcl.contract import COST, REVENUE, TABLES, TREATMENT, Dataset
+from bidfcl.contract import COST, REVENUE, TABLES, TREATMENT, Dataset, Truth
 
 
 def summarize_dataset(dataset: Dataset) -> dict[str, Any]:
@@ -37,21 +37,19 @@ def summarize_dataset(dataset: Dataset) -> dict[str, Any]:
         summary["default_budget"] = float(budget)
     truth = dataset.truth_for("rct_test")
     if truth is not None:
-        summary["truth_rct_test"] = _truth_summary(truth.revenue, truth.cost, budget)
+        summary["truth_rct_test"] = _truth_summary(truth, budget)
     return summary
 
 
-def _truth_summary(revenue: torch.Tensor, cost: torch.Tensor, budget: float | None) -> dict:
+def _truth_summary(truth: Truth, budget: float | None) -> dict:
     """True value and cost of reference policies on the held-out users."""
-    n, m = revenue.shape
+    n, m = truth.revenue.shape
     out: dict[str, Any] = {}
     for label, arm in (("all_control", 0), ("all_max_arm", m - 1)):
-        arms = torch.full((n,), arm, dtype=torch.long)
-        value = revenue.gather(1, arms[:, None]).mean()
-        spend = cost.gather(1, arms[:, None]).mean()
-        out[label] = {"revenue": float(value), "cost": float(spend)}
+        value, spend = truth.policy_value(torch.full((n,), arm, dtype=torch.long))
+        out[label] = {"revenue": value, "cost": spend}
     if budget is not None:
-        oracle = solve_mckp(revenue, cost, float(budget))
+        oracle = solve_mckp(truth.revenue, truth.cost, float(budget))
         out["oracle_at_default_budget"] = {
             "revenue": oracle.mean_revenue,
             "cost": oracle.mean_cost,
