@@ -27,6 +27,7 @@ differences to tsm-rct get a paired t-test.
     python benchmarks/methods.py --quick          # tiny smoke run, < 1 min
     python benchmarks/methods.py --seeds 0 1 2    # writes benchmarks/results/methods.{json,md}
     python benchmarks/methods.py --set tau=0.1 --methods tsm-rct dfcl-ppl --out results/x
+    python benchmarks/methods.py --merge a.json b.json   # one report from parallel seed runs
 """
 
 from __future__ import annotations
@@ -385,7 +386,19 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="output path without suffix (default benchmarks/results/methods[-quick])",
     )
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        default=None,
+        metavar="JSON",
+        help="combine the runs of earlier outputs (e.g. seeds run in parallel) into one report",
+    )
     args = parser.parse_args(argv)
+    if args.merge:
+        out = args.out or RESULTS_DIR / "methods"
+        write_report(*merge_runs(args.merge), out)
+        return
 
     train_overrides = parse_assignments(args.set)
     simulator = parse_assignments(args.sim)
@@ -395,7 +408,6 @@ def main(argv: list[str] | None = None) -> None:
     config = load_train_config(args.params, **train_overrides)
     methods = [BASELINE, *(m for m in args.methods if m != BASELINE)]
     out = args.out or RESULTS_DIR / ("methods-quick" if args.quick else "methods")
-    out.parent.mkdir(parents=True, exist_ok=True)
 
     started = time.perf_counter()
     scores: list[MethodScore] = []
@@ -406,8 +418,6 @@ def main(argv: list[str] | None = None) -> None:
         scores.extend(seed_scores)
         contexts.append(context)
 
-    summary = summarise(scores, methods)
-    table = markdown_table(summary, contexts)
     settings = {
         "seeds": args.seeds,
         "data_seed": args.data_seed if args.data_seed is not None else "same as seed",
@@ -418,25 +428,70 @@ def main(argv: list[str] | None = None) -> None:
         "command": " ".join(sys.argv),
         "wall_seconds": time.perf_counter() - started,
     }
+    write_report(scores, contexts, methods, settings, out)
+
+
+def merge_runs(
+    paths: list[Path],
+) -> tuple[list[MethodScore], list[dict[str, Any]], list[str], dict[str, Any]]:
+    """Scores, seed contexts, methods and settings of several outputs of this script, which
+    must share their settings apart from the seeds (a seed may appear only once)."""
+    payloads = [json.loads(path.read_text()) for path in paths]
+    comparable = [
+        {k: v for k, v in p["settings"].items() if k not in ("seeds", "command", "wall_seconds")}
+        for p in payloads
+    ]
+    if any(c != comparable[0] for c in comparable[1:]):
+        raise SystemExit(f"{paths}: the runs differ in more than their seeds")
+    seeds = [seed for p in payloads for seed in p["settings"]["seeds"]]
+    if len(set(seeds)) < len(seeds):
+        raise SystemExit(f"{paths}: a seed appears in more than one run")
+    scores = [
+        MethodScore(**{k: math.nan if v is None else v for k, v in run.items()})
+        for p in payloads
+        for run in p["runs"]
+    ]
+    methods = list(dict.fromkeys(run.method for run in scores))
+    settings = {
+        **payloads[0]["settings"],
+        "seeds": seeds,
+        "command": [p["settings"]["command"] for p in payloads],
+        "wall_seconds": sum(p["settings"]["wall_seconds"] for p in payloads),
+        "merged_from": [str(path) for path in paths],
+    }
+    return scores, [c for p in payloads for c in p["seeds"]], methods, settings
+
+
+def write_report(
+    scores: list[MethodScore],
+    contexts: list[dict[str, Any]],
+    methods: list[str],
+    settings: dict[str, Any],
+    out: Path,
+) -> None:
+    """Summarise the runs and write ``out``.json (everything) and ``out``.md (the table)."""
+    summary = summarise(scores, methods)
+    table = markdown_table(summary, contexts)
     payload = {
         "settings": settings,
         "seeds": contexts,
         "summary": summary,
         "runs": [asdict(s) for s in scores],
     }
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(
         json.dumps(json_safe(payload), indent=2, allow_nan=False) + "\n"
     )
     budget = statistics.fmean(c["budget"] for c in contexts)
     notes = (
         f"Budget {budget:.3f} per user (midway between all-control and all-max cost); "
-        f"seeds {args.seeds}, data seed {settings['data_seed']}; rct_test "
+        f"seeds {settings['seeds']}, data seed {settings['data_seed']}; rct_test "
         f"{contexts[0]['n_test']} users; mean ± sd over seeds; p from a paired t-test "
-        f"against tsm-rct. Wall time {settings['wall_seconds']:.0f} s. "
-        "s/epoch is Lightning fit time per epoch (validation EOM included, 1 torch thread, "
+        f"against tsm-rct. Total compute {settings['wall_seconds']:.0f} s. "
+        "s/epoch is Lightning fit time per epoch (validation included, 1 torch thread, "
         "2-core CPU VM); dfcl-* and tsm-rct-ft epochs exclude their shared tsm-rct warm start"
-        f" (up to {config.warm_start_epochs} epochs). The deployed allocation is solve_mckp "
-        "on predictions; 'over' counts seeds whose true cost exceeds the budget."
+        f" (up to {settings['train']['warm_start_epochs']} epochs). The deployed allocation is "
+        "solve_mckp on predictions; 'over' counts seeds whose true cost exceeds the budget."
     )
     out.with_suffix(".md").write_text(f"# Methods comparison\n\n{notes}\n\n{table}\n")
     print(table)

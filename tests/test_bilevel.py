@@ -117,6 +117,26 @@ def test_implicit_hypergradient_matches_finite_differences_on_ridge() -> None:
     assert torch.linalg.norm(grad - reference) / torch.linalg.norm(reference) < 1e-3
 
 
+def test_gauss_newton_curvature_equals_the_hessian_for_a_linear_model() -> None:
+    problem = RidgeBilevel(seed=1)
+    phi = problem.phi.clone().requires_grad_(True)
+    theta = problem.theta_star(problem.phi)
+
+    def gauss_newton(t: torch.Tensor) -> torch.Tensor:
+        prediction = problem.x @ t
+        residual = prediction - prediction.detach()
+        return residual.square().sum() + (problem.phi.exp() * t.square()).sum()
+
+    kwargs = {"n_cg": 50, "tol": 1e-10, "damping": 0.0}
+    (exact,), _ = implicit_hypergradient(problem.lower, problem.upper, theta, [phi], **kwargs)
+    (approx,), cg = implicit_hypergradient(
+        problem.lower, problem.upper, theta, [phi], curvature_loss=gauss_newton, **kwargs
+    )
+
+    assert cg.iterations > 0
+    assert torch.allclose(approx, exact, rtol=1e-8, atol=1e-10)
+
+
 def test_explicit_unrolled_hypergradient_points_the_same_way_on_ridge() -> None:
     problem = RidgeBilevel(seed=3)
     phi = problem.phi.clone().requires_grad_(True)
@@ -170,6 +190,8 @@ def test_bidfcl_fast_dev_run_takes_bridge_and_target_steps(
     assert meta["method"] == method and meta["teacher"]["method"] == "tsm-rct"
     assert meta["bilevel"]["hypergradient_steps"] == 1
     assert math.isfinite(meta["val_eom_history"][0]) and meta["history"][0]["lambda"] >= 0
+    if config.hypergradient == "implicit":  # Gauss-Newton curvature: CG never stalls at once
+        assert meta["bilevel"]["mean_cg_iterations"] > 0
 
 
 def test_bidfcl_moves_the_target_away_from_the_teacher_and_repeats_exactly(

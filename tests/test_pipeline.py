@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from bidfcl import pipeline
+from bidfcl.allocation import STATUS_INFEASIBLE
 from bidfcl.pipeline import GateDecision, PromoteParams, decide
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,6 +79,15 @@ def test_gate_rejects_failed_validation_and_overspending_even_when_better() -> N
     assert "exceeds the budget" in over.reason
     within = decide(challenger(mean_cost=1.005), True, tolerant, 1.0, None)
     assert within.promoted
+
+
+def test_gate_rejects_a_model_whose_deployed_allocation_would_be_all_control() -> None:
+    infeasible = challenger(deployed_status=STATUS_INFEASIBLE)
+    for champion_eom, baseline_eom in ((1.0, None), (None, 1.0)):
+        decision = decide(infeasible, True, PromoteParams(), champion_eom, baseline_eom)
+        assert not decision.promoted
+        assert "all-control" in decision.reason
+    assert decide(challenger(deployed_status="ok"), True, PromoteParams(), 1.0, None).promoted
 
 
 def test_first_model_must_beat_the_baseline_point_estimate() -> None:

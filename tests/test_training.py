@@ -13,6 +13,7 @@ from bidfcl.allocation import solve_mckp
 from bidfcl.contract import OBS, RCT_TRAIN, RCT_VAL, Dataset, load_dataset
 from bidfcl.datamodule import ShuffledBatches
 from bidfcl.evaluation import expected_outcome_metric
+from bidfcl.losses import factual_mse
 from bidfcl.model import UpliftModel
 from bidfcl.training import (
     METHODS,
@@ -76,16 +77,26 @@ def test_same_seed_gives_identical_weights_and_another_seed_does_not(tiny: Datas
     assert not _same_weights(first, other)
 
 
-def test_returned_model_is_the_best_validation_epoch(tiny: Dataset) -> None:
-    config = replace(TINY, max_epochs=4, patience=10)
+@pytest.mark.parametrize("select_by", ["loss", "eom"])
+def test_returned_model_is_the_best_validation_epoch(tiny: Dataset, select_by: str) -> None:
+    config = replace(TINY, max_epochs=4, patience=10, select_by=select_by)
     model = train_model(tiny, config, progress=False)
 
-    history = model.metadata["val_eom_history"]
+    history = model.metadata["history"]
     assert len(history) == 4
-    assert model.metadata["best_epoch"] == max(range(4), key=history.__getitem__)
     val = tiny.logged(RCT_VAL)
-    again = expected_outcome_metric(val, *model.predict(val.x), model.metadata["budget"])
-    assert again.eom.value == pytest.approx(max(history), rel=1e-5)
+    revenue_hat, cost_hat = model.predict(val.x)
+    if select_by == "eom":
+        scores = [row["val_eom"] for row in history]
+        assert model.metadata["best_epoch"] == max(range(4), key=scores.__getitem__)
+        again = expected_outcome_metric(val, revenue_hat, cost_hat, model.metadata["budget"])
+        assert again.eom.value == pytest.approx(max(scores), rel=1e-5)
+    else:
+        scores = [row["val_loss"] for row in history]
+        assert model.metadata["best_epoch"] == min(range(4), key=scores.__getitem__)
+        again = factual_mse(revenue_hat, cost_hat, val.treatment, val.revenue, val.cost)
+        assert float(again) == pytest.approx(min(scores), rel=1e-5)
+    assert model.metadata["selected_by"] == f"val_{select_by}"
 
 
 def test_decision_method_uses_lambda_star_of_the_warm_start_and_leaves_it_alone(

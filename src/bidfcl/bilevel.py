@@ -15,12 +15,17 @@ Upper level: phi minimises the RCT decision loss (PPL or PIFD at lambda*) of the
 Every ``bilevel_k``-th OBS batch the learner copies theta, takes k look-ahead SGD steps
 on the lower loss (theta_k ~ theta*(phi)) and steps phi along the hypergradient:
 - implicit (default): by the implicit function theorem, solve (H + damping I) v =
-  grad_theta L_upper(theta_k) by conjugate gradient on Hessian-vector products of the
-  lower loss (double backprop, no Hessian is formed), then
-  grad_phi = -d/dphi (grad_theta L_lower(theta_k, phi) . v);
+  grad_theta L_upper(theta_k) by conjugate gradient on Hessian-vector products (double
+  backprop, no Hessian is formed), then
+  grad_phi = -d/dphi (grad_theta L_lower(theta_k, phi) . v). H is by default the
+  Gauss-Newton part of the lower loss's Hessian (``curvature: gauss_newton``): an MLP's
+  exact MSE Hessian is indefinite where residuals are large, which stops CG at its first
+  direction, while J^T W J is positive semi-definite. It is the exact Hessian's HVP taken
+  with every label set to the current prediction (zero residuals drop the second-order
+  term), and equals the exact Hessian for a model linear in theta;
 - explicit (ablation): differentiate L_upper through the last look-ahead step.
 Every OBS batch the Target takes one real Adam step on the lower loss with the current
-gates. The saved model is the Target at its best validation-EOM epoch, so evaluation and
+gates. The saved model is the Target at its best validation epoch, so evaluation and
 allocation treat it like any other method's model.
 """
 
@@ -111,21 +116,27 @@ def implicit_hypergradient(
     n_cg: int,
     tol: float,
     damping: float,
+    curvature_loss: UpperLoss | None = None,
 ) -> tuple[list[torch.Tensor], CGResult]:
     """d L_upper(theta*(phi)) / d phi by the implicit function theorem, at theta ~ theta*.
 
-    v solves (H + damping I) v = grad_theta L_upper with H the lower loss's Hessian in theta
-    (CG on Hessian-vector products by double backprop); the hypergradient is
-    -d/dphi (grad_theta L_lower . v) with v held constant. ``CGResult.iterations == 0``
-    (or a non-finite solution) falls back to v = grad_theta L_upper / damping. L_upper must
-    not depend on phi directly (true here: the RCT loss sees phi only through theta*).
+    v solves (H + damping I) v = grad_theta L_upper with H the Hessian in theta of
+    ``curvature_loss`` (default: the lower loss itself; pass a stand-in such as the
+    Gauss-Newton loss), by CG on Hessian-vector products from double backprop; the
+    hypergradient is -d/dphi (grad_theta L_lower . v) with v held constant.
+    ``CGResult.iterations == 0`` (or a non-finite solution) falls back to
+    v = grad_theta L_upper / damping. L_upper must not depend on phi directly (true here:
+    the RCT loss sees phi only through theta*).
     """
     theta = theta.detach().requires_grad_(True)
     (upper_grad,) = torch.autograd.grad(upper_loss(theta), theta)
     (lower_grad,) = torch.autograd.grad(lower_loss(theta, phi), theta, create_graph=True)
+    curvature_grad = lower_grad
+    if curvature_loss is not None:
+        (curvature_grad,) = torch.autograd.grad(curvature_loss(theta), theta, create_graph=True)
 
     def damped_hvp(vector: torch.Tensor) -> torch.Tensor:
-        (hvp,) = torch.autograd.grad(lower_grad, theta, vector, retain_graph=True)
+        (hvp,) = torch.autograd.grad(curvature_grad, theta, vector, retain_graph=True)
         return hvp + damping * vector
 
     cg = conjugate_gradient(damped_hvp, upper_grad, n_cg, tol)
@@ -286,18 +297,35 @@ class BilevelLearner(UpliftLearner):
         return ObsContext(obs, x_scaled, inputs, teacher, anchor, logged == 0)
 
     def _lower_loss(
-        self, theta: dict[str, torch.Tensor], phi: dict[str, torch.Tensor], ctx: ObsContext
+        self,
+        theta: dict[str, torch.Tensor],
+        phi: dict[str, torch.Tensor],
+        ctx: ObsContext,
+        gauss_newton: bool = False,
     ) -> torch.Tensor:
         """Factual MSE on OBS plus the MSE to the Bridge's pseudo-labels on unreceived arms
-        (``ipw`` bridge: the factual MSE weighted per row by the Bridge instead)."""
+        (``ipw`` bridge: the factual MSE weighted per row by the Bridge instead).
+
+        ``gauss_newton``: every label is replaced by the (detached) prediction, so the
+        loss is zero with zero residuals and its Hessian at theta is the Gauss-Newton one.
+        """
         revenue_hat, cost_hat = functional_call(self.net, theta, (ctx.x_scaled,))
         gates = functional_call(self.bridge, phi, (ctx.bridge_inputs,))
         b = ctx.batch
+        revenue, cost = b.revenue, b.cost
+        if gauss_newton:
+            logged = b.treatment.unsqueeze(1)
+            revenue = revenue_hat.detach().gather(1, logged).squeeze(1)
+            cost = cost_hat.detach().gather(1, logged).squeeze(1)
         if self.config.bridge == "ipw":
-            return factual_mse(revenue_hat, cost_hat, b.treatment, b.revenue, b.cost, gates)
-        factual = factual_mse(revenue_hat, cost_hat, b.treatment, b.revenue, b.cost)
-        labels = ctx.anchor + gates * (ctx.teacher - ctx.anchor)
-        error = (torch.stack((revenue_hat, cost_hat), dim=-1) - labels).square().sum(dim=-1)
+            return factual_mse(revenue_hat, cost_hat, b.treatment, revenue, cost, gates)
+        factual = factual_mse(revenue_hat, cost_hat, b.treatment, revenue, cost)
+        predictions = torch.stack((revenue_hat, cost_hat), dim=-1)
+        if gauss_newton:
+            labels = predictions.detach()
+        else:
+            labels = ctx.anchor + gates * (ctx.teacher - ctx.anchor)
+        error = (predictions - labels).square().sum(dim=-1)
         pseudo = error[ctx.unreceived].mean()
         return factual + self.config.pseudo_label_weight * pseudo
 
@@ -332,8 +360,20 @@ class BilevelLearner(UpliftLearner):
         self.hyper_steps += 1
         if explicit:
             return unrolled_hypergradient(lower, upper, theta, phi, cfg.lookahead_lr)
+
+        def gauss_newton(theta: torch.Tensor) -> torch.Tensor:
+            bridge_params = dict(zip(self.bridge_names, frozen_phi, strict=True))
+            return self._lower_loss(self._unflatten(theta), bridge_params, ctx, gauss_newton=True)
+
         grads, cg = implicit_hypergradient(
-            lower, upper, theta, phi, cfg.n_cg, cfg.cg_tol, cfg.cg_damping
+            lower,
+            upper,
+            theta,
+            phi,
+            cfg.n_cg,
+            cfg.cg_tol,
+            cfg.cg_damping,
+            gauss_newton if cfg.curvature == "gauss_newton" else None,
         )
         self.cg_iterations += cg.iterations
         self.log_dict(
@@ -390,7 +430,14 @@ def train_bilevel_stage(
     model = fit_learner(learner, data, dataset, config, budget, progress, obs.n_rows + rct.n_rows)
     model.metadata["teacher"] = {
         key: start_from.metadata.get(key)
-        for key in ("method", "best_epoch", "best_val_eom", "epochs_run", "seconds_per_epoch")
+        for key in (
+            "method",
+            "best_epoch",
+            "best_val_eom",
+            "best_val_loss",
+            "epochs_run",
+            "seconds_per_epoch",
+        )
     }
     model.metadata["bilevel"] = {
         "hypergradient_steps": learner.hyper_steps,

@@ -34,6 +34,7 @@ from typing import Any
 
 import yaml
 
+from bidfcl.allocation import STATUS_INFEASIBLE
 from bidfcl.contract import RCT_TEST, write_json
 
 LANDING_DIR = Path("data/landing")
@@ -326,7 +327,9 @@ def decide(
     bound exceeds the champion's EOM (re-scored on the same data) plus ``margin``, and its
     estimated cost stays within the budget (times 1 + ``cost_tolerance``). Without one, the
     challenger's EOM must exceed the ``baseline`` method's EOM plus ``margin`` (or the
-    challenger is that baseline).
+    challenger is that baseline). Either way a challenger whose *predicted* costs put even
+    each user's cheapest arm over the budget is rejected: the EOM scores its Lagrangian
+    policy at an RCT-estimated lambda, but ``bidfcl allocate`` would ship all-control.
     """
     eom, low = float(challenger["eom"]), float(challenger["eom_ci_low"])
     cost, budget = float(challenger["mean_cost"]), float(challenger["budget"])
@@ -348,6 +351,12 @@ def decide(
             False,
             f"estimated cost {cost:.4f} exceeds the budget {budget:.4f} "
             f"(tolerance {config.cost_tolerance:.2%})",
+        )
+    if challenger.get("deployed_status") == STATUS_INFEASIBLE:
+        return result(
+            False,
+            "the model predicts that even each user's cheapest arm costs more than the budget "
+            f"{budget:.4f}, so its deployed allocation would be all-control",
         )
     if champion_eom is not None:
         if low > reference_eom + config.margin:

@@ -72,6 +72,7 @@ def model_metrics(
         "lam": eom.lam,
         "budget_met": eom.budget_met,
         "deployed_lam": deployed.lam,
+        "deployed_status": deployed.status,
         "deployed_predicted_cost": deployed.mean_cost,
     }
     if truth is not None:

@@ -2,9 +2,16 @@
 
 Every method trains the same :class:`~bidfcl.model.UpliftNet`; methods differ only in the
 rows they learn from, the per-row weights and the loss, so a method is one entry of
-:data:`METHOD_SPECS`. The checkpoint kept is the epoch with the best validation EOM on
-``rct_val`` (the paper selects by the decision metric, not by the loss), and early
-stopping watches the same number.
+:data:`METHOD_SPECS`. The checkpoint kept, and the number early stopping watches, is the
+epoch's score on ``rct_val`` named by ``select_by``:
+
+- ``loss`` (default): the method's own RCT objective on rct_val (factual MSE; a decision
+  method adds its decision loss at the current lambda*, as in training);
+- ``eom``: the validation EOM, the paper's rule. On a small validation set its
+  epoch-to-epoch noise (IPW, hard argmax) is several times the real change between
+  epochs, so it stops at a lucky early epoch; benchmarks/results/methods.md has numbers.
+
+Both are logged every epoch.
 
 - ``tsm-rct`` / ``tsm-obs`` / ``tsm-both``: factual MSE (per-arm weighted) on RCT train,
   OBS, or both.
@@ -54,6 +61,9 @@ from bidfcl.model import ModelConfig, UpliftModel
 
 # --------------------------------------------------------------------------- configuration
 
+# select_by -> (the logged validation metric, whether larger is better)
+SELECT_BY: dict[str, tuple[str, bool]] = {"loss": ("val_loss", False), "eom": ("val_eom", True)}
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -67,6 +77,7 @@ class TrainConfig:
     budget: float | None = None
     max_epochs: int = 30
     patience: int = 5
+    select_by: str = "loss"
     batch_size: int = 2048
     decision_batch_size: int = 4096
     lr: float = 1e-3
@@ -93,6 +104,7 @@ class TrainConfig:
     pseudo_label_weight: float = 1.0
     bridge: str = "gate"
     hypergradient: str = "implicit"
+    curvature: str = "gauss_newton"
     accelerator: str = "auto"
     deterministic: bool = True
     num_workers: int = 0
@@ -144,6 +156,10 @@ class TrainConfig:
             raise ValueError(
                 "cg_damping, pseudo_label_weight and bridge_warmup_epochs must be >= 0"
             )
+        if self.curvature not in ("gauss_newton", "hessian"):
+            raise ValueError(f"curvature must be gauss_newton|hessian, got {self.curvature!r}")
+        if self.select_by not in SELECT_BY:
+            raise ValueError(f"select_by must be one of {SELECT_BY}, got {self.select_by!r}")
         if self.bridge not in ("gate", "ipw") or self.hypergradient not in ("implicit", "explicit"):
             raise ValueError(
                 f"bridge must be gate|ipw and hypergradient implicit|explicit, got "
@@ -286,7 +302,8 @@ def ips_weights(data: LoggedData, clip: float, steps: int) -> torch.Tensor:
 
 
 class UpliftLearner(L.LightningModule):
-    """Trains one UpliftModel by a method's loss; keeps the weights of the best validation EOM.
+    """Trains one UpliftModel by a method's loss; keeps the weights of its best validation
+    epoch (``config.select_by``).
 
     Decision methods get ``decision_x`` (the raw features of the users the budget is spread
     over, RCT train) and re-solve lambda* on them at the start of every epoch.
@@ -314,7 +331,8 @@ class UpliftLearner(L.LightningModule):
         self.val_truth = val_truth
         self.lam = 0.0
         self.history: list[dict[str, float]] = []
-        self.best_eom = -math.inf
+        self.monitor, self.maximize = SELECT_BY[config.select_by]
+        self.best_score = -math.inf if self.maximize else math.inf
         self.best_epoch = -1
         self.best_state: dict[str, torch.Tensor] | None = None
 
@@ -333,18 +351,23 @@ class UpliftLearner(L.LightningModule):
             self.lam = lam
         self.log("lambda", self.lam, on_step=False, on_epoch=True)
 
-    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        """Factual MSE; decision methods add their decision loss and weight the MSE by alpha."""
-        revenue_hat, cost_hat = self.model.forward(batch.x)
+    def objective(
+        self, revenue_hat: torch.Tensor, cost_hat: torch.Tensor, batch: Batch
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Factual MSE; decision methods add their decision loss and weight the MSE by alpha.
+        Returns the loss and its parts by name (``mse``, ``decision``)."""
         mse = factual_mse(
             revenue_hat, cost_hat, batch.treatment, batch.revenue, batch.cost, batch.weight
         )
-        metrics = {"train_mse": mse}
-        loss = mse
-        if self.decision_loss is not None:
-            decision = self.decision_loss(revenue_hat, cost_hat, batch, self.lam, self.config)
-            metrics["train_decision"] = decision
-            loss = decision + self.config.alpha * mse
+        if self.decision_loss is None:
+            return mse, {"mse": mse}
+        decision = self.decision_loss(revenue_hat, cost_hat, batch, self.lam, self.config)
+        return decision + self.config.alpha * mse, {"mse": mse, "decision": decision}
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        revenue_hat, cost_hat = self.model.forward(batch.x)
+        loss, parts = self.objective(revenue_hat, cost_hat, batch)
+        metrics = {f"train_{name}": value for name, value in parts.items()}
         self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=batch.n_rows)
         self.log(
             "train_loss", loss, prog_bar=True, on_step=False, on_epoch=True, batch_size=batch.n_rows
@@ -360,7 +383,13 @@ class UpliftLearner(L.LightningModule):
             self.budget,
             truth=self.val_truth,
         )
-        metrics = {"val_eom": result.eom.value, "val_cost": result.cost.value}
+        loss, parts = self.objective(revenue_hat, cost_hat, batch)
+        metrics = {
+            "val_loss": float(loss),
+            **{f"val_{name}": float(value) for name, value in parts.items()},
+            "val_eom": result.eom.value,
+            "val_cost": result.cost.value,
+        }
         if result.true_revenue is not None:
             metrics["val_true_revenue"] = result.true_revenue
         for name, value in metrics.items():
@@ -369,11 +398,12 @@ class UpliftLearner(L.LightningModule):
             self._record(metrics)
 
     def _record(self, metrics: dict[str, float]) -> None:
-        """Append the epoch to the history; snapshot the weights if its EOM is the best."""
+        """Append the epoch to the history; snapshot the weights if its score is the best."""
         lam = {"lambda": self.lam} if self.decision_x is not None else {}
         self.history.append({"epoch": self.current_epoch, **lam, **metrics})
-        if metrics["val_eom"] > self.best_eom:
-            self.best_eom = metrics["val_eom"]
+        score = metrics[self.monitor]
+        if score > self.best_score if self.maximize else score < self.best_score:
+            self.best_score = score
             self.best_epoch = self.current_epoch
             self.best_state = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
 
@@ -428,7 +458,7 @@ def train_model(
     progress: bool = True,
     warm_start: UpliftModel | None = None,
 ) -> UpliftModel:
-    """Train ``config.method`` and return the model of its best validation-EOM epoch.
+    """Train ``config.method`` and return the model of its best validation epoch.
 
     Training starts from ``warm_start`` when one is given (it is copied, not modified);
     otherwise methods with a warm-start method (dfcl-*) first train that method for
@@ -450,7 +480,7 @@ def train_model(
         if warm_start is None
         else {
             key: warm_start.metadata.get(key)
-            for key in ("method", "best_epoch", "best_val_eom", "epochs_run")
+            for key in ("method", "best_epoch", "best_val_eom", "best_val_loss", "epochs_run")
         }
     )
     return model
@@ -521,7 +551,7 @@ def fit_learner(
     progress: bool,
     n_train_rows: int,
 ) -> UpliftModel:
-    """Fit ``learner`` on ``data``; return its model (CPU) at the best validation-EOM epoch,
+    """Fit ``learner`` on ``data``; return its model (CPU) at its best validation epoch,
     with the run described in its metadata."""
     model = learner.model
     spec = METHOD_SPECS[config.method]
@@ -534,12 +564,15 @@ def fit_learner(
     if learner.best_state is not None:
         model.net.load_state_dict(learner.best_state)
     epochs_run = len(learner.history)
+    best = next((row for row in learner.history if row["epoch"] == learner.best_epoch), None)
     model.metadata = {
         "method": config.method,
         "seed": config.seed,
         "budget": budget,
         "best_epoch": learner.best_epoch,
-        "best_val_eom": learner.best_eom if learner.best_state is not None else None,
+        "selected_by": learner.monitor,
+        "best_val_eom": best["val_eom"] if best else None,
+        "best_val_loss": best["val_loss"] if best else None,
         "val_eom_history": [row["val_eom"] for row in learner.history],
         "history": learner.history,
         "epochs_run": epochs_run,
@@ -569,6 +602,7 @@ def _training_rows(dataset: Dataset, spec: MethodSpec, config: TrainConfig) -> B
 
 def _trainer(config: TrainConfig, progress: bool) -> L.Trainer:
     logger = CSVLogger(config.log_dir, name=config.method) if config.log_dir else False
+    monitor, maximize = SELECT_BY[config.select_by]
     use_cuda = torch.cuda.is_available() and config.accelerator in ("auto", "gpu", "cuda")
     # Some CUDA kernels have no deterministic version: warn there instead of failing.
     deterministic: bool | str = config.deterministic
@@ -579,7 +613,11 @@ def _trainer(config: TrainConfig, progress: bool) -> L.Trainer:
         devices=1,
         max_epochs=config.max_epochs,
         deterministic=deterministic,
-        callbacks=[EarlyStopping(monitor="val_eom", mode="max", patience=config.patience)],
+        callbacks=[
+            EarlyStopping(
+                monitor=monitor, mode="max" if maximize else "min", patience=config.patience
+            )
+        ],
         enable_checkpointing=False,
         enable_progress_bar=progress,
         enable_model_summary=False,
