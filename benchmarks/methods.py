@@ -48,7 +48,7 @@ import yaml
 from scipy import stats
 
 from bidfcl.allocation import lagrangian_choice, solve_mckp
-from bidfcl.contract import RCT_TEST, RCT_TRAIN, Dataset, LoggedData, Truth
+from bidfcl.contract import RCT_TEST, RCT_TRAIN, Dataset, LoggedData, Truth, json_ready
 from bidfcl.evaluation import expected_outcome_metric
 from bidfcl.model import UpliftModel
 from bidfcl.simulate import SimulatorConfig, simulate
@@ -340,17 +340,6 @@ def markdown_table(summary: dict[str, Any], contexts: list[dict[str, Any]]) -> s
     return "\n".join(lines)
 
 
-def json_safe(value: Any) -> Any:
-    """Non-finite floats (an infinite lambda, a NaN p-value) as null, so the JSON is standard."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [json_safe(v) for v in value]
-    return value
-
-
 def parse_assignments(pairs: list[str]) -> dict[str, Any]:
     """``key=value`` strings to a dict, values parsed as YAML (numbers, lists, null)."""
     parsed = {}
@@ -480,7 +469,7 @@ def write_report(
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(
-        json.dumps(json_safe(payload), indent=2, allow_nan=False) + "\n"
+        json.dumps(json_ready(payload), indent=2, allow_nan=False) + "\n"
     )
     budget = statistics.fmean(c["budget"] for c in contexts)
     notes = (

@@ -9,6 +9,7 @@ so the column names and the rules about them live in exactly one place.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable
@@ -248,9 +249,23 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 
 
 def write_json(path: Path, payload: Any) -> None:
-    """Atomically write ``payload`` as pretty JSON."""
-    text = json.dumps(payload, indent=2, default=_json_default) + "\n"
-    atomic_write(path, lambda tmp: tmp.write_text(text))
+    """Atomically write ``payload`` as pretty, standard JSON (see :func:`json_ready`)."""
+    text = json.dumps(json_ready(payload), indent=2, default=_json_default, allow_nan=False)
+    atomic_write(path, lambda tmp: tmp.write_text(text + "\n"))
+
+
+def json_ready(value: Any) -> Any:
+    """A copy with every non-finite float (an infinite lambda, an undefined p-value) as None,
+    numpy scalars as Python numbers and tuples as lists: JSON has no NaN or inf."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: json_ready(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_ready(item) for item in value]
+    return value
 
 
 def _json_default(value: Any) -> Any:

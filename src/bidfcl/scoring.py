@@ -10,7 +10,6 @@ size through the model, solves the budgeted allocation once over all users, and 
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ from bidfcl.contract import (
     DataContractError,
     Dataset,
     atomic_write,
+    json_ready,
     load_dataset,
     write_json,
 )
@@ -94,7 +94,7 @@ def model_metrics(
         metrics["budget_curve_area"] = curve_area(curve)
         if truth is not None:
             metrics["true_budget_curve_area"] = curve_area(curve, value="true_revenue")
-    return _finite(metrics), curve
+    return json_ready(metrics), curve
 
 
 def evaluate_model(
@@ -169,11 +169,3 @@ def allocate_file(
 
     atomic_write(Path(out), write)
     return result
-
-
-def _finite(metrics: dict[str, Any]) -> dict[str, Any]:
-    """JSON has no NaN/inf: non-finite floats become None."""
-    return {
-        k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-        for k, v in metrics.items()
-    }

@@ -34,6 +34,7 @@ from bidfcl.contract import (
     USER_ID,
     DataContractError,
     DatasetMeta,
+    json_ready,
     read_table,
     table_file,
     write_json,
@@ -534,7 +535,7 @@ def _frequency_check(
             "rows": int(arm_rows[j]),
             "weighted_count": float(weighted_count[j]),
             "expected": n,
-            "z": _finite(z[j]),
+            "z": json_ready(float(z[j])),
             "p_value": float(p_values[j]),
         }
         for j in range(onehot.shape[1])
@@ -596,15 +597,10 @@ def _balance_check(
         )
     worst = np.where(enough[:, None], smd, 0.0).max(axis=0, initial=0.0)
     summary = {
-        "max_smd": {name: _finite(worst[k]) for k, name in enumerate(names)},
-        "limit_by_arm": {str(a + 1): _finite(v) for a, v in enumerate(limit)},
+        "max_smd": {name: json_ready(float(worst[k])) for k, name in enumerate(names)},
+        "limit_by_arm": {str(a + 1): json_ready(float(v)) for a, v in enumerate(limit)},
     }
     return failures, summary
-
-
-def _finite(value: float) -> float | None:
-    """A number for the JSON report; None where it is infinite (no rows to judge by)."""
-    return float(value) if np.isfinite(value) else None
 
 
 def _numeric(column: pd.Series) -> np.ndarray:
