@@ -202,3 +202,10 @@ def test_from_params_reads_a_train_section_and_rejects_bad_input() -> None:
         TrainConfig.from_params({"learning_rate": 0.1})
     with pytest.raises(ValueError, match="ips_clip"):
         TrainConfig.from_params({"ips_clip": 0.0})
+
+
+def test_train_config_defaults_are_the_shipped_params() -> None:
+    # The library's defaults and params.yaml differ only where the pipeline chooses its job.
+    defaults, shipped = TrainConfig().to_dict(), load_train_config(PARAMS_FILE).to_dict()
+    differing = {key for key in defaults if defaults[key] != shipped[key]}
+    assert differing <= {"method", "baselines", "num_threads"}

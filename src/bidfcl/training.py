@@ -75,8 +75,8 @@ class TrainConfig:
     method: str = "tsm-rct"
     seed: int = 0
     budget: float | None = None
-    max_epochs: int = 30
-    patience: int = 5
+    max_epochs: int = 100
+    patience: int = 10
     select_by: str = "loss"
     batch_size: int = 2048
     decision_batch_size: int = 4096
@@ -92,10 +92,10 @@ class TrainConfig:
     dual_lambda_scales: tuple[float, ...] = (0.5, 0.75, 1.0, 1.5, 2.0)
     ips_clip: float = 0.05
     propensity_steps: int = 200
-    warm_start_epochs: int = 10
+    warm_start_epochs: int = 100
     bilevel_k: int = 5
     n_cg: int = 50
-    cg_tol: float = 1e-2
+    cg_tol: float = 0.1
     cg_damping: float = 1.0
     lookahead_lr: float = 1e-2
     bridge_lr: float = 1e-3
