@@ -22,7 +22,9 @@ on the lower loss (theta_k ~ theta*(phi)) and steps phi along the hypergradient:
   exact MSE Hessian is indefinite where residuals are large, which stops CG at its first
   direction, while J^T W J is positive semi-definite. It is the exact Hessian's HVP taken
   with every label set to the current prediction (zero residuals drop the second-order
-  term), and equals the exact Hessian for a model linear in theta;
+  term), and equals the exact Hessian for a model linear in theta. The products use a
+  ``curvature_fraction`` of the OBS batch (a subsampled curvature, as in Hessian-free
+  optimisation): they are most of a hypergradient's cost;
 - explicit (ablation): differentiate L_upper through the last look-ahead step.
 Every OBS batch the Target takes one real Adam step on the lower loss with the current
 gates. The saved model is the Target at its best validation epoch, so evaluation and
@@ -202,6 +204,11 @@ class ObsContext(NamedTuple):
     anchor: torch.Tensor  # (N, M, 2) the Target's prediction when the context was built
     unreceived: torch.Tensor  # (N, M) bool, arms the user was not given
 
+    def head(self, n_rows: int) -> ObsContext:
+        """The first ``n_rows`` rows: a uniform subsample, as OBS batches are shuffled."""
+        batch = Batch(*(column[:n_rows] for column in self.batch))
+        return ObsContext(batch, *(tensor[:n_rows] for tensor in self[1:]))
+
 
 def _flat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.cat([t.detach().reshape(-1) for t in tensors])
@@ -361,9 +368,16 @@ class BilevelLearner(UpliftLearner):
         if explicit:
             return unrolled_hypergradient(lower, upper, theta, phi, cfg.lookahead_lr)
 
-        def gauss_newton(theta: torch.Tensor) -> torch.Tensor:
+        curvature_ctx = ctx.head(max(1, round(cfg.curvature_fraction * ctx.batch.n_rows)))
+
+        def curvature(theta: torch.Tensor) -> torch.Tensor:
             bridge_params = dict(zip(self.bridge_names, frozen_phi, strict=True))
-            return self._lower_loss(self._unflatten(theta), bridge_params, ctx, gauss_newton=True)
+            return self._lower_loss(
+                self._unflatten(theta),
+                bridge_params,
+                curvature_ctx,
+                gauss_newton=cfg.curvature == "gauss_newton",
+            )
 
         grads, cg = implicit_hypergradient(
             lower,
@@ -373,7 +387,7 @@ class BilevelLearner(UpliftLearner):
             cfg.n_cg,
             cfg.cg_tol,
             cfg.cg_damping,
-            gauss_newton if cfg.curvature == "gauss_newton" else None,
+            curvature,
         )
         self.cg_iterations += cg.iterations
         self.log_dict(

@@ -105,6 +105,7 @@ class TrainConfig:
     bridge: str = "gate"
     hypergradient: str = "implicit"
     curvature: str = "gauss_newton"
+    curvature_fraction: float = 0.5
     accelerator: str = "auto"
     deterministic: bool = True
     num_workers: int = 0
@@ -158,6 +159,10 @@ class TrainConfig:
             )
         if self.curvature not in ("gauss_newton", "hessian"):
             raise ValueError(f"curvature must be gauss_newton|hessian, got {self.curvature!r}")
+        if not 0 < self.curvature_fraction <= 1:
+            raise ValueError(
+                f"curvature_fraction must lie in (0, 1], got {self.curvature_fraction}"
+            )
         if self.select_by not in SELECT_BY:
             raise ValueError(f"select_by must be one of {SELECT_BY}, got {self.select_by!r}")
         if self.bridge not in ("gate", "ipw") or self.hypergradient not in ("implicit", "explicit"):
