@@ -202,6 +202,10 @@ def test_from_params_reads_a_train_section_and_rejects_bad_input() -> None:
         TrainConfig.from_params({"learning_rate": 0.1})
     with pytest.raises(ValueError, match="ips_clip"):
         TrainConfig.from_params({"ips_clip": 0.0})
+    with pytest.raises(ValueError, match=r"curvature must be one of \['gauss_newton', 'hessian'\]"):
+        TrainConfig.from_params({"curvature": "newton"})
+    with pytest.raises(ValueError, match="select_by must be one of"):
+        TrainConfig.from_params({"select_by": "val_eom"})
 
 
 def test_train_config_defaults_are_the_shipped_params() -> None:

@@ -234,7 +234,6 @@ class BilevelLearner(UpliftLearner):
         super().__init__(model, decision_loss, config, budget, lr, decision_x, val_truth)
         if decision_loss is None:
             raise ValueError("the bi-level learner needs an upper-level decision loss")
-        self.upper_loss_fn = decision_loss
         self.automatic_optimization = False
         self.teacher = copy.deepcopy(model.net).requires_grad_(False)
         n_arms = model.n_treatments
@@ -355,7 +354,7 @@ class BilevelLearner(UpliftLearner):
 
         def upper(theta: torch.Tensor) -> torch.Tensor:
             revenue_hat, cost_hat = functional_call(self.net, self._unflatten(theta), (x_rct,))
-            return self.upper_loss_fn(revenue_hat, cost_hat, rct, self.lam, cfg)
+            return self.decision_loss(revenue_hat, cost_hat, rct, self.lam, cfg)
 
         frozen_phi = [p.detach() for p in phi]
         theta = _flat(list(self.net.parameters()))

@@ -63,6 +63,13 @@ from bidfcl.model import ModelConfig, UpliftModel
 
 # select_by -> (the logged validation metric, whether larger is better)
 SELECT_BY: dict[str, tuple[str, bool]] = {"loss": ("val_loss", False), "eom": ("val_eom", True)}
+# Settings that name one of a few variants, and those variants.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "select_by": tuple(SELECT_BY),
+    "bridge": ("gate", "ipw"),
+    "hypergradient": ("implicit", "explicit"),
+    "curvature": ("gauss_newton", "hessian"),
+}
 
 
 @dataclass(frozen=True)
@@ -157,18 +164,14 @@ class TrainConfig:
             raise ValueError(
                 "cg_damping, pseudo_label_weight and bridge_warmup_epochs must be >= 0"
             )
-        if self.curvature not in ("gauss_newton", "hessian"):
-            raise ValueError(f"curvature must be gauss_newton|hessian, got {self.curvature!r}")
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}"
+                )
         if not 0 < self.curvature_fraction <= 1:
             raise ValueError(
                 f"curvature_fraction must lie in (0, 1], got {self.curvature_fraction}"
-            )
-        if self.select_by not in SELECT_BY:
-            raise ValueError(f"select_by must be one of {SELECT_BY}, got {self.select_by!r}")
-        if self.bridge not in ("gate", "ipw") or self.hypergradient not in ("implicit", "explicit"):
-            raise ValueError(
-                f"bridge must be gate|ipw and hypergradient implicit|explicit, got "
-                f"{self.bridge!r}, {self.hypergradient!r}"
             )
         if not self.dual_lambda_scales or min(self.dual_lambda_scales) < 0:
             raise ValueError(
