@@ -26,13 +26,16 @@ install: $(STAMP)
 # The Prefect flow end to end on the built-in simulator: ingest, validate, version (DVC),
 # train Bi-DFCL and baselines, evaluate on held-out RCT, promotion gate (MLflow registry).
 run: $(STAMP)
-	$(RUN) $(BIN)/python flows/pipeline.py
+	$(RUN) $(BIN)/python flows/bidfcl_flow.py
 
 # The same stages through DVC (nothing to do right after `make run`).
 repro: $(STAMP)
 	$(RUN) $(BIN)/dvc repro
 
+# The architecture contract (pyproject.toml [tool.importlinter]) first: a new import cycle or
+# an import against the layers fails here, before any test runs.
 test: $(STAMP)
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)

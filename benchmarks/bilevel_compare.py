@@ -19,6 +19,8 @@ from pathlib import Path
 
 from scipy import stats
 
+from bidfcl.io import atomic_write
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import methods
 
@@ -83,7 +85,8 @@ def main(argv: list[str] | None = None) -> None:
     runs = json.loads(source.read_text())["runs"]
     table = markdown(paired_rows(runs))
     pairs = args.out.with_name(args.out.name + "-pairs.md")
-    pairs.write_text(f"# Bi-DFCL paired differences ({source.name})\n\n{table}\n")
+    text = f"# Bi-DFCL paired differences ({source.name})\n\n{table}\n"
+    atomic_write(pairs, lambda tmp: tmp.write_text(text))
     print(table)
 
 

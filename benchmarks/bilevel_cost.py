@@ -25,12 +25,15 @@ from typing import Any
 
 import torch
 
+from bidfcl.io import write_json
+from bidfcl.methods import train_model
+from bidfcl.params import load_params
 from bidfcl.simulate import SimulatorConfig, simulate
-from bidfcl.training import TrainConfig, load_train_config, train_model
+from bidfcl.train_config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from methods import parse_assignments  # noqa: E402
+from methods import parse_assignments, train_overrides  # noqa: E402
 
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -68,7 +71,9 @@ def main(argv: list[str] | None = None) -> None:
     epochs = 1 if args.quick else args.epochs
     dataset = simulate(simulator)
     base = replace(
-        load_train_config(ROOT / "params.yaml", **parse_assignments(args.set)),
+        load_params(
+            ROOT / "params.yaml", train_overrides(parse_assignments(args.set))
+        ).train.config,
         max_epochs=epochs,
         patience=epochs,
         accelerator=args.accelerator,
@@ -101,8 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     suffix = "-quick" if args.quick else ""
     out = args.out or RESULTS_DIR / f"bilevel-cost-{args.accelerator}{suffix}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(payload, indent=2) + "\n")
+    write_json(out, payload)
     print(json.dumps(runs, indent=2))
 
 

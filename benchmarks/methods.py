@@ -48,11 +48,14 @@ import yaml
 from scipy import stats
 
 from bidfcl.allocation import lagrangian_choice, solve_mckp
-from bidfcl.contract import RCT_TEST, RCT_TRAIN, Dataset, LoggedData, Truth, json_ready
+from bidfcl.contract import RCT_TEST, RCT_TRAIN, Dataset, LoggedData, Truth
 from bidfcl.evaluation import expected_outcome_metric
+from bidfcl.io import atomic_write, write_json
+from bidfcl.methods import METHOD_SPECS, METHODS, train_model
 from bidfcl.model import UpliftModel
+from bidfcl.params import load_params
 from bidfcl.simulate import SimulatorConfig, simulate
-from bidfcl.training import METHOD_SPECS, METHODS, TrainConfig, load_train_config, train_model
+from bidfcl.train_config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "benchmarks" / "results"
@@ -351,6 +354,11 @@ def parse_assignments(pairs: list[str]) -> dict[str, Any]:
     return parsed
 
 
+def train_overrides(settings: dict[str, Any]) -> dict[str, Any]:
+    """Train settings as dotted params overrides (``train.key``) for ``load_params``."""
+    return {f"train.{key}": value for key, value in settings.items()}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -389,12 +397,12 @@ def main(argv: list[str] | None = None) -> None:
         write_report(*merge_runs(args.merge), out)
         return
 
-    train_overrides = parse_assignments(args.set)
+    train_settings = parse_assignments(args.set)
     simulator = parse_assignments(args.sim)
     if args.quick:
-        train_overrides = {**QUICK_TRAIN, **train_overrides}
+        train_settings = {**QUICK_TRAIN, **train_settings}
         simulator = {**QUICK_SIMULATOR, **simulator}
-    config = load_train_config(args.params, **train_overrides)
+    config = load_params(args.params, train_overrides(train_settings)).train.config
     methods = [BASELINE, *(m for m in args.methods if m != BASELINE)]
     out = args.out or RESULTS_DIR / ("methods-quick" if args.quick else "methods")
 
@@ -412,7 +420,7 @@ def main(argv: list[str] | None = None) -> None:
         "data_seed": args.data_seed if args.data_seed is not None else "same as seed",
         "simulator": asdict(SimulatorConfig(**simulator)),
         "train": config.to_dict(),
-        "overrides": {"train": train_overrides, "simulator": simulator},
+        "overrides": {"train": train_settings, "simulator": simulator},
         "torch_threads": config.num_threads,
         "command": " ".join(sys.argv),
         "wall_seconds": time.perf_counter() - started,
@@ -467,10 +475,7 @@ def write_report(
         "summary": summary,
         "runs": [asdict(s) for s in scores],
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(
-        json.dumps(json_ready(payload), indent=2, allow_nan=False) + "\n"
-    )
+    write_json(out.with_suffix(".json"), payload)
     budget = statistics.fmean(c["budget"] for c in contexts)
     notes = (
         f"Budget {budget:.3f} per user (midway between all-control and all-max cost); "
@@ -482,7 +487,8 @@ def write_report(
         f" (up to {settings['train']['warm_start_epochs']} epochs). The deployed allocation is "
         "solve_mckp on predictions; 'over' counts seeds whose true cost exceeds the budget."
     )
-    out.with_suffix(".md").write_text(f"# Methods comparison\n\n{notes}\n\n{table}\n")
+    text = f"# Methods comparison\n\n{notes}\n\n{table}\n"
+    atomic_write(out.with_suffix(".md"), lambda tmp: tmp.write_text(text))
     print(table)
     print(notes)
 

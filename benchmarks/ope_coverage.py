@@ -31,8 +31,9 @@ import numpy as np
 import torch
 
 from bidfcl.allocation import lagrangian_choice, solve_mckp
-from bidfcl.contract import COST, OBS, RCT_TEST, REVENUE, LoggedData, Truth, write_json
+from bidfcl.contract import COST, OBS, RCT_TEST, REVENUE, LoggedData, Truth
 from bidfcl.evaluation import make_estimator
+from bidfcl.io import write_json
 from bidfcl.simulate import SimulatorConfig, simulate
 
 RESULTS = Path(__file__).parent / "results" / "ope_coverage.json"

@@ -40,6 +40,7 @@ import torch
 from scipy.optimize import linprog
 
 from bidfcl.allocation import solve_mckp
+from bidfcl.io import write_json
 
 N_ARMS = 8
 BUDGET_FRACTION = 0.3
@@ -243,7 +244,7 @@ def main() -> None:
             f"-threads{args.threads}" if args.threads else ""
         )
         path = RESULTS_DIR / f"solver-{device_name}{suffix}.json"
-        path.write_text(json.dumps({"quick": args.quick, "rows": rows}, indent=2) + "\n")
+        write_json(path, {"quick": args.quick, "rows": rows})
         print(f"wrote {path}")
 
 

@@ -15,8 +15,9 @@ from bidfcl.bilevel import (
     unrolled_hypergradient,
 )
 from bidfcl.contract import OBS, RCT_TRAIN, RCT_VAL, Dataset
-from bidfcl.datamodule import ObsRctDataModule, batch_of
-from bidfcl.training import TrainConfig, train_model
+from bidfcl.datamodule import ObsRctDataModule
+from bidfcl.methods import train_model
+from bidfcl.train_config import TrainConfig
 
 TINY = TrainConfig(
     max_epochs=2,
@@ -156,8 +157,8 @@ def test_explicit_unrolled_hypergradient_points_the_same_way_on_ridge() -> None:
 
 @pytest.mark.filterwarnings("ignore:.*LeafSpec.*deprecated")
 def test_obs_rct_loader_pairs_every_obs_batch_with_a_cycled_rct_batch(tiny: Dataset) -> None:
-    obs, rct = batch_of(tiny.logged(OBS)), batch_of(tiny.logged(RCT_TRAIN))
-    data = ObsRctDataModule(obs, rct, batch_of(tiny.logged(RCT_VAL)), 256, 512, seed=0)
+    obs, rct = tiny.logged(OBS), tiny.logged(RCT_TRAIN)
+    data = ObsRctDataModule(obs, rct, tiny.logged(RCT_VAL), 256, 512, seed=0)
 
     batches = [batch for batch, _, _ in data.train_dataloader()]
 

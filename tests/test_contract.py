@@ -105,31 +105,6 @@ def test_meta_errors_name_the_file_and_key(tmp_path: Path) -> None:
         C.read_meta(tmp_path)
 
 
-def test_failed_write_keeps_the_previous_file(tmp_path: Path) -> None:
-    target = tmp_path / "out.json"
-    C.write_json(target, {"v": 1})
-
-    def explode(tmp: Path) -> None:
-        tmp.write_text("partial")
-        raise RuntimeError("disk full")
-
-    with pytest.raises(RuntimeError):
-        C.atomic_write(target, explode)
-    assert json.loads(target.read_text()) == {"v": 1}
-    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
-
-
 def test_unknown_table_name_is_rejected(tmp_path: Path) -> None:
     with pytest.raises(C.DataContractError, match="unknown table"):
         C.save_dataset(tmp_path, _meta(), {"train": pd.DataFrame()})
-
-
-def test_write_json_writes_standard_json_with_non_finite_numbers_as_null(tmp_path: Path) -> None:
-    target = tmp_path / "metrics.json"
-    payload = {"lam": float("inf"), "p": [np.float32("nan"), 1.5], "n": np.int64(3), "t": (1, 2)}
-
-    C.write_json(target, payload)
-
-    text = target.read_text()
-    assert "NaN" not in text and "Infinity" not in text
-    assert json.loads(text) == {"lam": None, "p": [None, 1.5], "n": 3, "t": [1, 2]}

@@ -23,12 +23,13 @@ import yaml
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from bidfcl import pipeline, registry
+from bidfcl import registry, stages
 from bidfcl.cli import app
+from bidfcl.gate import PromoteParams
 from bidfcl.scoring import allocate_file
-from test_pipeline import REPO, make_project
+from test_stages import REPO, make_project
 
-FLOW_FILE = REPO / "flows" / "pipeline.py"
+FLOW_FILE = REPO / "flows" / "bidfcl_flow.py"
 MODEL_NAME = "bidfcl-uplift"
 
 
@@ -58,7 +59,7 @@ class Runs:
     second: dict[str, Any]
 
     def client(self) -> MlflowClient:
-        uri = registry.tracking_uri(self.root, pipeline.PromoteParams())
+        uri = registry.tracking_uri(self.root, PromoteParams())
         return MlflowClient(uri, uri)
 
 
@@ -100,8 +101,8 @@ def dvc_status(root: Path) -> dict:
 
 def fingerprint(root: Path) -> dict[str, str]:
     """Hashes of every artifact a failed run must leave alone."""
-    paths = [root / "data.dvc", root / "dvc.lock", root / pipeline.PROMOTION_FILE]
-    for folder in (pipeline.RAW_DIR, pipeline.MODELS_DIR, pipeline.METRICS_DIR):
+    paths = [root / "data.dvc", root / "dvc.lock", root / stages.PROMOTION_FILE]
+    for folder in (stages.RAW_DIR, stages.MODELS_DIR, stages.METRICS_DIR):
         paths += sorted(p for p in (root / folder).rglob("*") if p.is_file())
     return {str(p.relative_to(root)): hashlib.md5(p.read_bytes()).hexdigest() for p in paths}
 
@@ -223,9 +224,9 @@ def test_a_corrupt_batch_stops_at_validation_and_touches_nothing(
     )
 
     assert state.is_failed()
-    with pytest.raises(pipeline.ValidationFailed, match=r"rct_train\.parquet.*treatment"):
+    with pytest.raises(stages.ValidationFailed, match=r"rct_train\.parquet.*treatment"):
         state.result()
-    report = yaml.safe_load((runs.root / pipeline.VALIDATION_REPORT).read_text())
+    report = yaml.safe_load((runs.root / stages.VALIDATION_REPORT).read_text())
     assert not report["passed"]
     assert fingerprint(runs.root) == before
     assert any("rct_train.parquet" in str(a.data) for a in flow_artifacts("validation-report"))
@@ -237,7 +238,7 @@ def test_the_nightly_deployment_matches_prefect_yaml(flow_module: ModuleType) ->
     declared = yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]
     nightly = next(d for d in declared if d["name"] == "nightly")
     assert nightly == flow_module.nightly_deployment()
-    assert nightly["entrypoint"] == "flows/pipeline.py:bidfcl_pipeline"
+    assert nightly["entrypoint"] == "flows/bidfcl_flow.py:bidfcl_pipeline"
     assert nightly["schedules"][0]["cron"] == "0 2 * * *"
     flow = flow_module.bidfcl_pipeline
     assert set(nightly["parameters"]) <= set(flow.parameters.properties)

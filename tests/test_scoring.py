@@ -13,9 +13,10 @@ from typer.testing import CliRunner
 from bidfcl.allocation import solve_mckp
 from bidfcl.cli import app
 from bidfcl.contract import RCT_TEST, load_dataset
+from bidfcl.methods import train_to_folder
 from bidfcl.model import FeatureMismatchError, UpliftModel
-from bidfcl.scoring import allocate_file, evaluate_model
-from bidfcl.training import TrainConfig, train_to_folder
+from bidfcl.scoring import Metrics, allocate_file, evaluate_model
+from bidfcl.train_config import TrainConfig
 
 runner = CliRunner()
 
@@ -30,8 +31,10 @@ def test_evaluate_writes_metrics_with_estimates_beside_truth(
     model_dir: Path, small_dataset_dir: Path, tmp_path: Path
 ) -> None:
     out, curve = tmp_path / "metrics.json", tmp_path / "curve.csv"
-    metrics = evaluate_model(model_dir, small_dataset_dir, out, curve_out=curve)
+    metrics = evaluate_model(model_dir, small_dataset_dir, out, curve_out=curve).to_json()
     assert json.loads(out.read_text()) == metrics
+    assert Metrics.read(out).to_json() == metrics  # the record the gate and registry read back
+    assert "aucc" not in metrics  # five arms: the budget-value curve, not AUCC
     budget = load_dataset(small_dataset_dir, tables=()).meta.extra["default_budget"]
     assert metrics["budget"] == pytest.approx(budget)
     assert metrics["eom_ci_low"] < metrics["eom"] < metrics["eom_ci_high"]
@@ -96,3 +99,22 @@ def test_cli_evaluate_and_allocate(
     )
     assert result.exit_code == 0, result.output
     assert len(pd.read_parquet(alloc)) == len(pd.read_parquet(users))
+
+
+def test_metrics_name_an_unknown_key_in_a_metrics_file() -> None:
+    with pytest.raises(ValueError, match=r"m\.json: unknown metric\(s\) \['eomm'\]"):
+        Metrics.from_json({"eomm": 1.0}, origin="m.json")
+
+
+def test_two_arm_metrics_rank_by_aucc_qini_and_auuc(tmp_path: Path) -> None:
+    from bidfcl.simulate import SimulatorConfig, simulate_to_folder
+
+    data = simulate_to_folder(
+        tmp_path / "two-arms", SimulatorConfig(n_obs=1000, n_rct=3000, n_treatments=2), False
+    )
+    config = TrainConfig(method="tsm-rct", max_epochs=1, num_threads=1)
+    model = train_to_folder(data, tmp_path / "model", config, progress=False)
+    metrics = evaluate_model(model, data, tmp_path / "metrics.json").to_json()
+    for key in ("aucc", "qini", "auuc"):
+        assert isinstance(metrics[key], float), key
+    assert "budget_curve_area" not in metrics

@@ -1,4 +1,4 @@
-"""Lightning training: every method runs, runs repeat exactly, the best-EOM model is kept."""
+"""Training every method: it runs, runs repeat exactly, the best validation epoch is kept."""
 
 from __future__ import annotations
 
@@ -14,17 +14,11 @@ from bidfcl.contract import OBS, RCT_TRAIN, RCT_VAL, Dataset, load_dataset
 from bidfcl.datamodule import ShuffledBatches
 from bidfcl.evaluation import expected_outcome_metric
 from bidfcl.losses import factual_mse
+from bidfcl.methods import METHODS, train_model, train_to_folder
 from bidfcl.model import UpliftModel
-from bidfcl.training import (
-    METHODS,
-    TrainConfig,
-    ips_weights,
-    load_train_config,
-    train_model,
-    train_to_folder,
-)
+from bidfcl.propensity import ips_weights
+from bidfcl.train_config import TrainConfig
 
-PARAMS_FILE = Path(__file__).resolve().parents[1] / "params.yaml"
 TINY = TrainConfig(
     max_epochs=2,
     warm_start_epochs=1,
@@ -177,39 +171,6 @@ def test_shuffled_batches_cover_every_row_once_in_near_equal_chunks() -> None:
     assert all(torch.equal(a, b) for a, b in zip(epoch_one, replay, strict=True))
 
 
-def test_params_file_train_section_loads_with_overrides() -> None:
-    config = load_train_config(PARAMS_FILE, method="dfcl-pl", seed=5, budget=None)
-
-    assert config.method == "dfcl-pl"
-    assert config.seed == 5
-    assert isinstance(config.hidden, tuple)
-    assert config.method in METHODS
-
-
-def test_from_params_reads_a_train_section_and_rejects_bad_input() -> None:
-    section = {"method": "tsm-ips", "hidden": [32, 16], "budget": 3.0, "ips_clip": 0.1}
-    config = TrainConfig.from_params(section, seed=9, budget=None)
-    assert (config.method, config.hidden, config.budget, config.seed) == (
-        "tsm-ips",
-        (32, 16),
-        3.0,
-        9,
-    )
-
-    with pytest.raises(ValueError, match=r"unknown method 'tsm-magic'.*tsm-rct"):
-        TrainConfig.from_params({"method": "tsm-magic"})
-    with pytest.raises(ValueError, match=r"unknown train setting\(s\) \['learning_rate'\]"):
-        TrainConfig.from_params({"learning_rate": 0.1})
-    with pytest.raises(ValueError, match="ips_clip"):
-        TrainConfig.from_params({"ips_clip": 0.0})
-    with pytest.raises(ValueError, match=r"curvature must be one of \['gauss_newton', 'hessian'\]"):
-        TrainConfig.from_params({"curvature": "newton"})
-    with pytest.raises(ValueError, match="select_by must be one of"):
-        TrainConfig.from_params({"select_by": "val_eom"})
-
-
-def test_train_config_defaults_are_the_shipped_params() -> None:
-    # The library's defaults and params.yaml differ only where the pipeline chooses its job.
-    defaults, shipped = TrainConfig().to_dict(), load_train_config(PARAMS_FILE).to_dict()
-    differing = {key for key in defaults if defaults[key] != shipped[key]}
-    assert differing <= {"method", "baselines", "num_threads"}
+def test_an_unknown_method_is_named_with_the_known_ones(tiny: Dataset) -> None:
+    with pytest.raises(ValueError, match=r"unknown method 'tsm-magic'.*'tsm-rct'"):
+        train_model(tiny, replace(TINY, method="tsm-magic"), progress=False)

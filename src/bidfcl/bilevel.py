@@ -36,7 +36,7 @@ from __future__ import annotations
 import copy
 import itertools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import lightning as L
@@ -45,20 +45,13 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn import functional as F
 
-from bidfcl.contract import OBS, RCT_TRAIN, RCT_VAL, Dataset, Truth
-from bidfcl.datamodule import Batch, ObsRctDataModule, batch_of
+from bidfcl.contract import OBS, RCT_TRAIN, RCT_VAL, Dataset, LoggedData, Truth
+from bidfcl.datamodule import ObsRctDataModule
+from bidfcl.decision import DecisionLoss
+from bidfcl.learner import UpliftLearner, fit_learner
 from bidfcl.losses import factual_mse
 from bidfcl.model import UpliftModel
-from bidfcl.training import (
-    METHOD_SPECS,
-    DecisionLoss,
-    TrainConfig,
-    UpliftLearner,
-    fit_learner,
-    train_model,
-)
-
-TEACHER_METHOD = "tsm-rct"
+from bidfcl.train_config import TrainConfig
 
 # (theta, phi) -> scalar lower loss; theta is one flat vector, phi the Bridge's tensors.
 LowerLoss = Callable[[torch.Tensor, Sequence[torch.Tensor]], torch.Tensor]
@@ -197,7 +190,7 @@ class Bridge(nn.Module):
 class ObsContext(NamedTuple):
     """One OBS batch with everything the lower loss holds constant in theta and phi."""
 
-    batch: Batch
+    batch: LoggedData
     x_scaled: torch.Tensor  # (N, d)
     bridge_inputs: torch.Tensor  # (N, d + 5M)
     teacher: torch.Tensor  # (N, M, 2) revenue and cost
@@ -206,7 +199,7 @@ class ObsContext(NamedTuple):
 
     def head(self, n_rows: int) -> ObsContext:
         """The first ``n_rows`` rows: a uniform subsample, as OBS batches are shuffled."""
-        batch = Batch(*(column[:n_rows] for column in self.batch))
+        batch = self.batch.rows(slice(0, n_rows))
         return ObsContext(batch, *(tensor[:n_rows] for tensor in self[1:]))
 
 
@@ -258,7 +251,7 @@ class BilevelLearner(UpliftLearner):
             torch.optim.Adam(self.bridge.parameters(), lr=self.config.bridge_lr),
         ]
 
-    def training_step(self, batch: dict[str, Batch], batch_idx: int) -> None:
+    def training_step(self, batch: dict[str, LoggedData], batch_idx: int) -> None:
         """The schedule: a Bridge step every k-th OBS batch (after the warm-up), then a
         Target step on every OBS batch; batch_idx counts OBS batches within the epoch."""
         target_opt, bridge_opt = self.optimizers()
@@ -292,7 +285,7 @@ class BilevelLearner(UpliftLearner):
             with torch.no_grad():
                 self.gate_means.append(float(self.bridge(self.last_context.bridge_inputs).mean()))
 
-    def _context(self, obs: Batch) -> ObsContext:
+    def _context(self, obs: LoggedData) -> ObsContext:
         with torch.no_grad():
             x_scaled = self.scaler(obs.x)
             teacher = torch.stack(self.teacher(x_scaled), dim=-1)
@@ -342,7 +335,7 @@ class BilevelLearner(UpliftLearner):
             for name, part, shape in zip(self.param_names, parts, self.param_shapes, strict=True)
         }
 
-    def _hypergradient(self, ctx: ObsContext, rct: Batch) -> list[torch.Tensor]:
+    def _hypergradient(self, ctx: ObsContext, rct: LoggedData) -> list[torch.Tensor]:
         """Look ahead k steps from a copy of theta, then the implicit or unrolled gradient."""
         cfg = self.config
         phi = list(self.bridge.parameters())
@@ -354,7 +347,7 @@ class BilevelLearner(UpliftLearner):
 
         def upper(theta: torch.Tensor) -> torch.Tensor:
             revenue_hat, cost_hat = functional_call(self.net, self._unflatten(theta), (x_rct,))
-            return self.decision_loss(revenue_hat, cost_hat, rct, self.lam, cfg)
+            return self.decision_loss(revenue_hat, cost_hat, rct, self.lam, self.decision_settings)
 
         frozen_phi = [p.detach() for p in phi]
         theta = _flat(list(self.net.parameters()))
@@ -398,33 +391,29 @@ class BilevelLearner(UpliftLearner):
         return grads
 
 
-# --------------------------------------------------------------------------- training stage
+# --------------------------------------------------------------------------- fitting
 
 
-def train_bilevel_stage(
+def fit_bilevel(
     dataset: Dataset,
     config: TrainConfig,
     budget: float,
+    decision_loss: DecisionLoss,
+    teacher: UpliftModel,
     progress: bool,
-    start_from: UpliftModel | None,
 ) -> UpliftModel:
-    """Fit a bidfcl-* method; ``start_from`` (else a fresh tsm-rct fit of ``warm_start_epochs``)
-    is the Teacher and the Target's start.
+    """Fit a bidfcl-* method: ``teacher`` (a trained tsm-rct model, not modified) is the
+    frozen Teacher and the Target's start; ``decision_loss`` is the upper level's loss.
 
-    The Target starts from tsm-rct rather than tsm-obs: the pseudo-labels then start at
-    unbiased values and the lower level has to earn any move towards the biased OBS.
-    The Teacher is trained here rather than through ``MethodSpec.warm_start`` so that the
-    model's ``warm_start`` metadata keeps meaning "fine-tuned from"; it is in ``teacher``.
+    The Target starts from the Teacher rather than from tsm-obs: the pseudo-labels then
+    start at unbiased values and the lower level has to earn any move towards the biased
+    OBS. The Teacher's summary goes into the model's ``teacher`` metadata.
     """
-    spec = METHOD_SPECS[config.method]
-    if start_from is None:
-        teacher_config = replace(config, method=TEACHER_METHOD, max_epochs=config.warm_start_epochs)
-        start_from = train_model(dataset, teacher_config, progress)
     L.seed_everything(config.seed, workers=True, verbose=False)
-    obs, rct = batch_of(dataset.logged(OBS)), batch_of(dataset.logged(RCT_TRAIN))
+    obs, rct = dataset.logged(OBS), dataset.logged(RCT_TRAIN)
     learner = BilevelLearner(
-        copy.deepcopy(start_from).to("cpu"),
-        spec.decision_loss,
+        copy.deepcopy(teacher).to("cpu"),
+        decision_loss,
         config,
         budget,
         lr=config.lr,
@@ -434,15 +423,17 @@ def train_bilevel_stage(
     data = ObsRctDataModule(
         obs,
         rct,
-        batch_of(dataset.logged(RCT_VAL)),
+        dataset.logged(RCT_VAL),
         config.batch_size,
         config.decision_batch_size,
         config.seed,
         config.num_workers,
     )
-    model = fit_learner(learner, data, dataset, config, budget, progress, obs.n_rows + rct.n_rows)
+    model = fit_learner(
+        learner, data, dataset, config, budget, progress, (OBS, RCT_TRAIN), len(obs) + len(rct)
+    )
     model.metadata["teacher"] = {
-        key: start_from.metadata.get(key)
+        key: teacher.metadata.get(key)
         for key in (
             "method",
             "best_epoch",

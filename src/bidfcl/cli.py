@@ -144,9 +144,11 @@ def train(
     ),
 ) -> None:
     """Train an uplift model with the configured learner and save it to --out."""
-    from bidfcl.training import load_train_config, train_to_folder
+    from bidfcl.methods import train_to_folder
+    from bidfcl.params import load_params
 
-    config = load_train_config(params, method=method, budget=budget, seed=seed)
+    overrides = {"train.method": method, "train.budget": budget, "train.seed": seed}
+    config = load_params(params, overrides).train.config
     path = train_to_folder(data_dir, out, config, progress=True)
     typer.echo(f"trained {config.method} model saved to {path}")
 
@@ -169,11 +171,11 @@ def evaluate(
 
     metrics = evaluate_model(model_dir, data_dir, out, budget, estimator=estimator, curve_out=curve)
     line = (
-        f"EOM {metrics['eom']:.4f} [{metrics['eom_ci_low']:.4f}, {metrics['eom_ci_high']:.4f}] "
-        f"at budget {metrics['budget']:.4f} (estimated cost {metrics['mean_cost']:.4f})"
+        f"EOM {metrics.eom:.4f} [{metrics.eom_ci_low:.4f}, {metrics.eom_ci_high:.4f}] "
+        f"at budget {metrics.budget:.4f} (estimated cost {metrics.mean_cost:.4f})"
     )
-    if metrics.get("true_value") is not None:
-        line += f"; true value {metrics['true_value']:.4f}, true cost {metrics['true_cost']:.4f}"
+    if metrics.true_value is not None:
+        line += f"; true value {metrics.true_value:.4f}, true cost {metrics.true_cost:.4f}"
     typer.echo(line)
     typer.echo(f"metrics written to {out}")
 
@@ -206,10 +208,10 @@ def _local_model(ref: str, params: Path, root: Path = Path(".")) -> Path:
     """A model folder for ``ref``: a path as is, a ``models:/`` reference from the registry."""
     if not ref.startswith("models:/"):
         return Path(ref)
-    from bidfcl.pipeline import promote_params, read_params
+    from bidfcl.params import load_params
     from bidfcl.registry import resolve_model_uri, tracking
 
-    with tracking(root, promote_params(read_params(params))):
+    with tracking(root, load_params(params).promote):
         return resolve_model_uri(ref)
 
 
@@ -226,9 +228,10 @@ ParamsOption = Annotated[Path, typer.Option(help="Parameters file.")]
 @stage_app.command("ingest")
 def stage_ingest(root: RootOption = Path("."), params: ParamsOption = Path("params.yaml")) -> None:
     """Write the batch to data/landing: simulated, or copied from ingest.source."""
-    from bidfcl.pipeline import ingest, read_params
+    from bidfcl.params import load_params
+    from bidfcl.stages import ingest
 
-    typer.echo(f"ingested batch into {ingest(root, read_params(params), progress=True)}")
+    typer.echo(f"ingested batch into {ingest(root, load_params(params).ingest, progress=True)}")
 
 
 @stage_app.command("validate")
@@ -236,10 +239,11 @@ def stage_validate(
     root: RootOption = Path("."), params: ParamsOption = Path("params.yaml")
 ) -> None:
     """Validate data/landing; write results/validation.json; exit 1 with the report on failure."""
-    from bidfcl.pipeline import VALIDATION_REPORT, ValidationFailed, read_params, validate
+    from bidfcl.params import load_params
+    from bidfcl.stages import VALIDATION_REPORT, ValidationFailed, validate
 
     try:
-        validate(root, read_params(params))
+        validate(root, load_params(params).validate)
     except ValidationFailed as failure:
         typer.echo(str(failure), err=True)
         typer.echo(f"report written to {root / VALIDATION_REPORT}", err=True)
@@ -250,7 +254,7 @@ def stage_validate(
 @stage_app.command("version")
 def stage_version(root: RootOption = Path(".")) -> None:
     """Version the validated batch: DVC imports data/landing into data/raw (data.dvc)."""
-    from bidfcl.pipeline import version
+    from bidfcl.stages import version
 
     tracked = version(root)
     typer.echo(f"{tracked['path']} versioned as {tracked['md5']} ({tracked['nfiles']} files)")
@@ -259,9 +263,10 @@ def stage_version(root: RootOption = Path(".")) -> None:
 @stage_app.command("train")
 def stage_train(root: RootOption = Path("."), params: ParamsOption = Path("params.yaml")) -> None:
     """Train train.method and train.baselines on data/raw into models/."""
-    from bidfcl.pipeline import read_params, train
+    from bidfcl.params import load_params
+    from bidfcl.stages import train
 
-    typer.echo(f"trained {', '.join(train(root, read_params(params), progress=True))}")
+    typer.echo(f"trained {', '.join(train(root, load_params(params).train, progress=True))}")
 
 
 @stage_app.command("evaluate")
@@ -269,17 +274,19 @@ def stage_evaluate(
     root: RootOption = Path("."), params: ParamsOption = Path("params.yaml")
 ) -> None:
     """Score every trained model on held-out RCT: results/metrics and results/curves."""
-    from bidfcl.pipeline import evaluate, read_params, render_table, summary_rows
+    from bidfcl.params import load_params
+    from bidfcl.stages import evaluate, render_table, summary_rows
 
-    typer.echo(render_table(summary_rows(evaluate(root, read_params(params)))))
+    typer.echo(render_table(summary_rows(evaluate(root, load_params(params).evaluate))))
 
 
 @stage_app.command("promote")
 def stage_promote(root: RootOption = Path("."), params: ParamsOption = Path("params.yaml")) -> None:
     """Log runs to MLflow, register the candidate as challenger, apply the champion gate."""
-    from bidfcl.pipeline import promote, read_params
+    from bidfcl.params import load_params
+    from bidfcl.stages import promote
 
-    decision = promote(root, read_params(params))
+    decision = promote(root, load_params(params).promote)
     typer.echo(
         f"{decision['model_name']} version {decision['version']} ({decision['method']}) "
         f"{decision['decision']}: {decision['reason']}; champion is version "

@@ -9,17 +9,16 @@ so the column names and the rules about them live in exactly one place.
 from __future__ import annotations
 
 import json
-import math
-import os
-import tempfile
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
+
+from bidfcl.io import write_json, write_parquet
 
 META_FILE = "meta.json"
 TRUTH_FILE = "truth.parquet"
@@ -109,9 +108,11 @@ class DatasetMeta:
 
 @dataclass(frozen=True)
 class LoggedData:
-    """One logged table as tensors: the single type passed between policies and evaluation.
+    """Logged rows as tensors: the single type passed between data, learners and evaluation.
 
     ``propensity`` is NaN where the logging probability is unknown (possible for OBS).
+    ``weight`` is the per-row weight a learner gives a row's factual loss (None: every row
+    weighs 1), e.g. inverse propensities; evaluation ignores it.
     """
 
     user_id: torch.Tensor  # int64 (N,)
@@ -121,24 +122,58 @@ class LoggedData:
     cost: torch.Tensor  # float32 (N,)
     propensity: torch.Tensor  # float32 (N,)
     n_treatments: int
+    weight: torch.Tensor | None = None  # float32 (N,)
 
     def __len__(self) -> int:
         return int(self.treatment.shape[0])
 
+    @property
+    def n_rows(self) -> int:
+        return len(self)
+
+    def _columns(self) -> dict[str, torch.Tensor | None]:
+        return {
+            "user_id": self.user_id,
+            "x": self.x,
+            "treatment": self.treatment,
+            "revenue": self.revenue,
+            "cost": self.cost,
+            "propensity": self.propensity,
+            "weight": self.weight,
+        }
+
     def to(self, device: torch.device | str) -> LoggedData:
-        return LoggedData(
-            user_id=self.user_id.to(device),
-            x=self.x.to(device),
-            treatment=self.treatment.to(device),
-            revenue=self.revenue.to(device),
-            cost=self.cost.to(device),
-            propensity=self.propensity.to(device),
-            n_treatments=self.n_treatments,
-        )
+        """The rows on ``device`` (Lightning moves a batch through this method)."""
+        moved = {k: None if v is None else v.to(device) for k, v in self._columns().items()}
+        return replace(self, **moved)
+
+    def rows(self, index: torch.Tensor | slice) -> LoggedData:
+        """The rows at ``index`` (a tensor of row numbers, a mask or a slice), one gather."""
+        taken = {k: None if v is None else v[index] for k, v in self._columns().items()}
+        return replace(self, **taken)
+
+    def with_weight(self, weight: torch.Tensor) -> LoggedData:
+        return replace(self, weight=weight.to(torch.float32))
 
     @property
     def has_propensity(self) -> bool:
         return bool(torch.isfinite(self.propensity).all())
+
+
+def concat_logged(parts: Sequence[LoggedData]) -> LoggedData:
+    """Rows of several tables stacked in order (e.g. RCT train followed by OBS); a part
+    without weights counts as weighing 1 when another part has them."""
+    weighted = any(part.weight is not None for part in parts)
+    weights = [part.weight if part.weight is not None else torch.ones(len(part)) for part in parts]
+    columns = {
+        name: torch.cat([getattr(part, name) for part in parts])
+        for name in ("user_id", "x", "treatment", "revenue", "cost", "propensity")
+    }
+    return LoggedData(
+        **columns,
+        n_treatments=parts[0].n_treatments,
+        weight=torch.cat(weights) if weighted else None,
+    )
 
 
 @dataclass(frozen=True)
@@ -225,60 +260,6 @@ def frame_to_logged(frame: pd.DataFrame, meta: DatasetMeta) -> LoggedData:
         propensity=torch.from_numpy(np.array(prop, copy=True)),
         n_treatments=meta.n_treatments,
     )
-
-
-# ----------------------------------------------------------------------------- atomic writes
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Run ``write(tmp)`` on a temporary sibling of ``path``, then rename it into place.
-
-    A crash or an exception leaves the previous file (if any) untouched.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        tmp.chmod(0o644)  # mkstemp creates 0600; published artifacts must be readable
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_json(path: Path, payload: Any) -> None:
-    """Atomically write ``payload`` as pretty, standard JSON (see :func:`json_ready`)."""
-    text = json.dumps(json_ready(payload), indent=2, default=_json_default, allow_nan=False)
-    atomic_write(path, lambda tmp: tmp.write_text(text + "\n"))
-
-
-def json_ready(value: Any) -> Any:
-    """A copy with every non-finite float (an infinite lambda, an undefined p-value) as None,
-    numpy scalars as Python numbers and tuples as lists: JSON has no NaN or inf."""
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: json_ready(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [json_ready(item) for item in value]
-    return value
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"cannot serialise {type(value).__name__} to JSON")
-
-
-def write_parquet(path: Path, frame: pd.DataFrame) -> None:
-    """Atomically write a frame as parquet (no index)."""
-    atomic_write(path, lambda tmp: frame.to_parquet(tmp, index=False))
 
 
 # ----------------------------------------------------------------------------- folder I/O

@@ -9,9 +9,6 @@ the feature columns it was trained on.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from bidfcl.contract import write_json
+from bidfcl.io import replace_dir, write_json
 
 WEIGHTS_FILE = "weights.pt"
 MODEL_FILE = "model.json"
@@ -226,34 +223,17 @@ class UpliftModel:
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
     def save(self, folder: Path | str) -> Path:
-        """Write the model folder atomically: build it in a temporary sibling, then rename.
+        """Write the model folder atomically (built beside it, then swapped in), so no
+        reader ever sees a half-written model folder."""
 
-        An existing folder is first moved into a hidden ``.<name>.*.old`` sibling and deleted
-        after the rename, so no reader ever sees a half-written model folder.
-        """
-        folder = Path(folder)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(
-            tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent)
-        )
-        try:
+        def build(staging: Path) -> None:
             torch.save(
                 {"net": _cpu_state(self.net), "scaler": _cpu_state(self.scaler)},
                 staging / WEIGHTS_FILE,
             )
             write_json(staging / MODEL_FILE, self._description())
-            if folder.exists():
-                retired = Path(
-                    tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".old", dir=folder.parent)
-                )
-                os.replace(folder, retired / folder.name)
-                os.replace(staging, folder)
-                shutil.rmtree(retired)
-            else:
-                os.replace(staging, folder)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        return folder
+
+        return replace_dir(Path(folder), build)
 
     def _description(self) -> dict[str, Any]:
         return {

@@ -1,11 +1,12 @@
-"""MLflow tracking and model registry: log training runs, register challengers, run the gate's
-bookkeeping (aliases and decision tags), and resolve ``models:/NAME@alias`` to a model folder.
+"""MLflow I/O: log training runs, register challengers, keep the gate's bookkeeping (aliases
+and decision tags), and resolve ``models:/NAME@alias`` to a local model folder.
 
 Tracking and registry default to a sqlite file in the project root (``promote.tracking_uri``);
 ``MLFLOW_TRACKING_URI`` points both elsewhere (e.g. a server on PostgreSQL). Models are logged
 as an MLflow pyfunc that wraps the saved :class:`~bidfcl.model.UpliftModel` folder, so the
 registry holds exactly the files ``bidfcl allocate`` reads. Aliases, not the deprecated stages,
-mark ``challenger`` and ``champion``.
+mark ``challenger`` and ``champion``. The pickled pyfunc names :class:`UpliftPyfunc` by this
+module's path, so registered models keep loading only while it stays here.
 """
 
 from __future__ import annotations
@@ -16,18 +17,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib.metadata import version as installed_version
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import mlflow
 import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from bidfcl.contract import load_dataset
+from bidfcl.gate import GateDecision, PromoteParams
 from bidfcl.model import MODEL_FILE, UpliftModel
-
-if TYPE_CHECKING:
-    from bidfcl.pipeline import GateDecision, PromoteParams
+from bidfcl.scoring import Metrics
 
 CHALLENGER = "challenger"
 CHAMPION = "champion"
@@ -96,11 +95,7 @@ def tracking(root: Path, config: PromoteParams) -> Iterator[MlflowClient]:
             os.environ[TRACKING_ENV] = previous_env
 
 
-def log_training_run(
-    model_dir: Path,
-    metrics: dict[str, Any],
-    curve_csv: Path,
-) -> dict[str, str]:
+def log_training_run(model_dir: Path, metrics: Metrics, curve_csv: Path) -> dict[str, str]:
     """One MLflow run per trained method: params, numeric metrics, the budget-value curve (CSV
     and PNG) and the model. Returns the run id and the logged model's URI."""
     model = UpliftModel.load(model_dir)
@@ -116,11 +111,11 @@ def log_training_run(
         mlflow.log_metrics(
             {
                 key: float(value)
-                for key, value in metrics.items()
+                for key, value in metrics.to_json().items()
                 if isinstance(value, int | float) and not isinstance(value, bool)
             }
         )
-        mlflow.set_tags({"method": str(meta.get("method")), "table": str(metrics.get("table"))})
+        mlflow.set_tags({"method": str(meta.get("method")), "table": metrics.table})
         if curve_csv.exists():
             mlflow.log_artifact(str(curve_csv), artifact_path="plots")
             mlflow.log_figure(_curve_figure(pd.read_csv(curve_csv), meta), "plots/budget_value.png")
@@ -147,7 +142,7 @@ def _curve_figure(curve: pd.DataFrame, meta: dict[str, Any]) -> Any:
     return figure
 
 
-def _log_pyfunc(model: UpliftModel, model_dir: Path, metrics: dict[str, Any]) -> str:
+def _log_pyfunc(model: UpliftModel, model_dir: Path, metrics: Metrics) -> str:
     """Log the model folder as a pyfunc with pinned requirements and a two-row input example
     (pinning avoids MLflow's slow requirement inference)."""
     example = pd.DataFrame(
@@ -160,7 +155,7 @@ def _log_pyfunc(model: UpliftModel, model_dir: Path, metrics: dict[str, Any]) ->
         artifacts={UPLIFT_ARTIFACT: str(model_dir)},
         pip_requirements=[f"{name}=={installed_version(name)}" for name in PINNED_PACKAGES],
         input_example=example,
-        metadata={"method": model.metadata.get("method"), "eom": metrics.get("eom")},
+        metadata={"method": model.metadata.get("method"), "eom": metrics.eom},
     )
     return info.model_uri
 
@@ -172,7 +167,8 @@ def register_challenger(model_uri: str, config: PromoteParams) -> str:
     return str(version)
 
 
-def _alias_version(config: PromoteParams, alias: str) -> str | None:
+def alias_version(config: PromoteParams, alias: str) -> str | None:
+    """The version number holding ``alias`` in the current registry, or None."""
     try:
         return str(MlflowClient().get_model_version_by_alias(config.model_name, alias).version)
     except MlflowException:
@@ -182,35 +178,7 @@ def _alias_version(config: PromoteParams, alias: str) -> str | None:
 def champion_version(root: Path, config: PromoteParams) -> str | None:
     """The version number holding ``champion``, or None."""
     with tracking(root, config):
-        return _alias_version(config, CHAMPION)
-
-
-def rescore_champion(
-    config: PromoteParams,
-    data_dir: Path,
-    challenger_metrics: dict[str, Any],
-    exclude_version: str,
-) -> float | None:
-    """The current champion's EOM on the challenger's held-out table, budget and estimator;
-    None when there is no champion (or it is the challenger itself)."""
-    from bidfcl.scoring import model_metrics
-
-    version = _alias_version(config, CHAMPION)
-    if version is None or version == exclude_version:
-        return None
-    table = challenger_metrics["table"]
-    dataset = load_dataset(data_dir, tables=(table,))
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = resolve_model_uri(f"models:/{config.model_name}/{version}", Path(tmp))
-        model = UpliftModel.load(folder, expected_features=dataset.meta.feature_columns)
-        metrics, _ = model_metrics(
-            model,
-            dataset,
-            float(challenger_metrics["budget"]),
-            table,
-            challenger_metrics["estimator"],
-        )
-    return float(metrics["eom"])
+        return alias_version(config, CHAMPION)
 
 
 def record_decision(config: PromoteParams, version: str, decision: GateDecision) -> None:

@@ -1,17 +1,20 @@
 """Use a trained model: score it on held-out RCT data, and allocate a budget over new users.
 
-``evaluate_model`` is what the evaluate stage writes to ``metrics.json``: the EOM at the
-budget with its interval, the estimated cost, the decision curve (budget-value curve for
-M > 2 arms, AUCC for two arms) and, on simulated data, the true value and cost of the
-very same policies beside the estimates. ``allocate_file`` streams a user table of any
+``evaluate_model`` is what the evaluate stage writes to ``metrics.json``: a :class:`Metrics`
+record with the EOM at the budget and its interval, the estimated cost, the decision curve
+(budget-value curve for M > 2 arms, AUCC for two arms) and, on simulated data, the true
+value and cost of the very same policies beside the estimates. The gate, the registry and
+the pipeline's summary read the same record back. ``allocate_file`` streams a user table of any
 size through the model, solves the budgeted allocation once over all users, and writes
 ``user_id, treatment``.
 """
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
@@ -20,22 +23,85 @@ import pyarrow.parquet as pq
 import torch
 
 from bidfcl.allocation import AllocationResult, solve_mckp
-from bidfcl.contract import (
-    RCT_TEST,
-    TREATMENT,
-    USER_ID,
-    DataContractError,
-    Dataset,
-    atomic_write,
-    json_ready,
-    load_dataset,
-    write_json,
+from bidfcl.contract import RCT_TEST, TREATMENT, USER_ID, DataContractError, Dataset, load_dataset
+from bidfcl.evaluation import (
+    aucc,
+    auuc,
+    budget_value_curve,
+    curve_area,
+    expected_outcome_metric,
+    qini_coefficient,
 )
-from bidfcl.evaluation import aucc, budget_value_curve, curve_area, expected_outcome_metric
+from bidfcl.io import atomic_write, json_ready, write_json
 from bidfcl.model import UpliftModel, check_feature_columns
 
 CURVE_BUDGET_SCALES = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)
 """Budget-value curve grid, as multiples of the evaluated budget (area = mean height)."""
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """One model scored on one RCT table: the contents of ``metrics.json``.
+
+    Two policies are scored: the EOM policy (lambda set so that its *estimated* cost on this
+    RCT sample meets the budget, the paper's procedure) and the deployed allocation (exact
+    MCKP on the model's *predicted* costs, what ``bidfcl allocate`` ships). A non-finite
+    number is None (``null`` in JSON). The fields after ``deployed_predicted_cost`` exist
+    only where they apply, and ``to_json`` leaves out those that do not.
+    """
+
+    table: str
+    estimator: str
+    n_users: int
+    budget: float
+    eom: float | None
+    eom_ci_low: float | None
+    eom_ci_high: float | None
+    eom_std_error: float | None
+    mean_cost: float | None
+    cost_ci_low: float | None
+    cost_ci_high: float | None
+    lam: float | None
+    budget_met: bool
+    deployed_lam: float | None
+    deployed_status: str
+    deployed_predicted_cost: float | None
+    # with ground truth (simulated data): true values of the EOM policy, the deployed
+    # allocation and the truth-optimal allocation
+    true_value: float | None = None
+    true_cost: float | None = None
+    deployed_true_value: float | None = None
+    deployed_true_cost: float | None = None
+    oracle_value: float | None = None
+    # two arms: AUCC of the ROI ranking, and the Qini coefficient and AUUC of the revenue
+    # uplift ranking; more arms: the budget-value curve's area (and its true area)
+    aucc: float | None = None
+    qini: float | None = None
+    auuc: float | None = None
+    budget_curve_area: float | None = None
+    true_budget_curve_area: float | None = None
+    method: str | None = None
+
+    FIRST_OPTIONAL: ClassVar[str] = "true_value"
+
+    def to_json(self) -> dict[str, Any]:
+        """The metrics.json mapping, keys in field order."""
+        names = [f.name for f in fields(self)]
+        optional = set(names[names.index(self.FIRST_OPTIONAL) :])
+        values = asdict(self)
+        return json_ready({k: v for k, v in values.items() if k not in optional or v is not None})
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any], origin: str = "metrics.json") -> Metrics:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(f"{origin}: unknown metric(s) {unknown}")
+        return cls(**raw)
+
+    @classmethod
+    def read(cls, path: Path | str) -> Metrics:
+        return cls.from_json(json.loads(Path(path).read_text()), origin=str(path))
 
 
 def model_metrics(
@@ -44,13 +110,8 @@ def model_metrics(
     budget: float,
     table: str = RCT_TEST,
     estimator: str = "ipw",
-) -> tuple[dict[str, Any], pd.DataFrame | None]:
-    """Metrics of ``model`` on one RCT table, plus the budget-value curve (None for M = 2).
-
-    Two policies are scored: the EOM policy (lambda set so the *estimated* cost on this RCT
-    sample meets the budget, the paper's procedure) and the deployable allocation (exact
-    MCKP on the model's *predicted* costs, what ``bidfcl allocate`` would ship).
-    """
+) -> tuple[Metrics, pd.DataFrame | None]:
+    """Metrics of ``model`` on one RCT table, plus the budget-value curve (None for M = 2)."""
     check_feature_columns(model.feature_columns, dataset.meta.feature_columns)
     data = dataset.logged(table, device=model.device)
     truth = dataset.truth_for(table, device=model.device)
@@ -87,14 +148,34 @@ def model_metrics(
         }
     curve = None
     if model.n_treatments == 2:
+        revenue_uplift = revenue_pred[:, 1] - revenue_pred[:, 0]
         metrics["aucc"] = aucc(data, revenue_pred, cost_pred)
+        metrics["qini"] = qini_coefficient(data, revenue_uplift)
+        metrics["auuc"] = auuc(data, revenue_uplift)
     else:
         budgets = [budget * scale for scale in CURVE_BUDGET_SCALES]
         curve = budget_value_curve(data, revenue_pred, cost_pred, budgets, estimator, truth)
         metrics["budget_curve_area"] = curve_area(curve)
         if truth is not None:
             metrics["true_budget_curve_area"] = curve_area(curve, value="true_revenue")
-    return json_ready(metrics), curve
+    return Metrics(**json_ready(metrics)), curve
+
+
+def score_saved_model(
+    model_dir: Path | str,
+    data_dir: Path | str,
+    budget: float | None = None,
+    table: str = RCT_TEST,
+    estimator: str = "ipw",
+) -> tuple[Metrics, pd.DataFrame | None]:
+    """Score a saved model folder on one table of a dataset folder (budget None: the
+    dataset's default); the metrics name the model's method."""
+    dataset = load_dataset(data_dir, tables=(table,))
+    model = UpliftModel.load(model_dir, expected_features=dataset.meta.feature_columns)
+    metrics, curve = model_metrics(
+        model, dataset, dataset.meta.budget_or_default(budget), table, estimator
+    )
+    return replace(metrics, method=model.metadata.get("method")), curve
 
 
 def evaluate_model(
@@ -105,17 +186,12 @@ def evaluate_model(
     table: str = RCT_TEST,
     estimator: str = "ipw",
     curve_out: Path | str | None = None,
-) -> dict[str, Any]:
+) -> Metrics:
     """Evaluate a saved model on a dataset folder and write ``metrics.json`` (and the curve)."""
-    dataset = load_dataset(data_dir, tables=(table,))
-    model = UpliftModel.load(model_dir, expected_features=dataset.meta.feature_columns)
-    metrics, curve = model_metrics(
-        model, dataset, dataset.meta.budget_or_default(budget), table, estimator
-    )
-    metrics["method"] = model.metadata.get("method")
+    metrics, curve = score_saved_model(model_dir, data_dir, budget, table, estimator)
     if curve is not None and curve_out is not None:
         atomic_write(Path(curve_out), lambda tmp: curve.to_csv(tmp, index=False))
-    write_json(Path(out), metrics)
+    write_json(Path(out), metrics.to_json())
     return metrics
 
 

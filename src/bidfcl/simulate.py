@@ -37,16 +37,14 @@ Generative model (user i, arm j = 0..M-1; arm 0 is the control, no coupon)
   ``propensity`` column is that true logging probability, known only because the data is
   simulated; models must not rely on it (real logs rarely carry it).
 
-What the truth shows (defaults, means per user over all 240k users): all-control earns
-about 14.9 at cost 0; giving everyone the most expensive coupon earns about 20.5 at cost
-about 7.5, so it adds less revenue than it costs (incremental ROI about 0.74). Mean
-revenue peaks at coupon_3, about 29% of users buy less under the biggest coupon than under
-none, and the arm maximising revenue minus cost differs across users. ``meta.json``
-records the two policies under ``truth_summary`` and sets ``default_budget`` midway
-between their mean costs (about 3.74); there the truth-optimal allocation uses every arm
-and earns about 22.5, against 21.1 for the best single arm that fits the budget. Naive
-per-arm means on OBS overstate the biggest coupon's lift about threefold, which is the
-selection and hidden-confounding bias a method has to overcome.
+What the truth is built to show: the most expensive coupon adds less revenue than it
+costs, some users buy less under a big coupon than under none, and the arm maximising
+revenue minus cost differs across users, so the truth-optimal allocation at a middling
+budget mixes arms. ``meta.json`` records the all-control and all-biggest-coupon policies
+under ``truth_summary`` and sets ``default_budget`` midway between their mean costs.
+Naive per-arm means on OBS overstate the big coupons' lift (selection plus hidden
+confounding): the bias a method has to overcome. ``bidfcl summarize DIR`` prints these
+numbers for any simulated folder; the README quotes them at the defaults.
 """
 
 from __future__ import annotations

@@ -34,11 +34,10 @@ from bidfcl.contract import (
     USER_ID,
     DataContractError,
     DatasetMeta,
-    json_ready,
     read_table,
     table_file,
-    write_json,
 )
+from bidfcl.io import json_ready, write_json
 
 if TYPE_CHECKING:
     from great_expectations.core.batch_definition import BatchDefinition

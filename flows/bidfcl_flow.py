@@ -6,8 +6,8 @@ records the stage in DVC (``dvc commit``), so after a flow run ``dvc status`` is
 report becomes a Prefect artifact and the versioned data, models, metrics and registry keep
 their previous state.
 
-Run once:      python flows/pipeline.py [--data-path DIR] [--budget B] [--project-dir DIR]
-Serve nightly: python flows/pipeline.py --serve   (schedule and parameters from prefect.yaml)
+Run once:      python flows/bidfcl_flow.py [--data-path DIR] [--budget B] [--project-dir DIR]
+Serve nightly: python flows/bidfcl_flow.py --serve   (schedule and parameters from prefect.yaml)
 """
 
 from __future__ import annotations
@@ -21,21 +21,22 @@ import yaml
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from bidfcl import pipeline
+from bidfcl import stages
+from bidfcl.params import PARAMS_FILE, Params, load_params, set_params
+from bidfcl.scoring import Metrics
 
 PREFECT_YAML = Path(__file__).resolve().parents[1] / "prefect.yaml"
-PARAMS_FILE = "params.yaml"
 
 
-def _params(root: Path) -> dict[str, Any]:
-    return pipeline.read_params(root / PARAMS_FILE)
+def _params(root: Path) -> Params:
+    return load_params(root / PARAMS_FILE)
 
 
 @task(name="ingest", retries=2, retry_delay_seconds=5)
 def ingest_task(root: Path) -> str:
     """Copies can fail transiently (a network share, a batch still being written): retried.
     DVC records the landed batch only once it has passed validation."""
-    return str(pipeline.ingest(root, _params(root)))
+    return str(stages.ingest(root, _params(root).ingest))
 
 
 @task(name="validate")
@@ -43,44 +44,44 @@ def validate_task(root: Path) -> dict[str, Any]:
     """Not retried: a broken batch stays broken. Its report becomes a flow-run artifact, and
     neither the batch nor the report reaches dvc.lock."""
     try:
-        report = pipeline.validate(root, _params(root))
-    except pipeline.ValidationFailed as failure:
+        report = stages.validate(root, _params(root).validate)
+    except stages.ValidationFailed as failure:
         create_markdown_artifact(
             key="validation-report",
             markdown=f"## Validation failed\n\n```\n{failure}\n```",
             description="The batch broke the data contract; nothing downstream ran.",
         )
         raise
-    pipeline.record_stage(root, "ingest")
-    pipeline.record_stage(root, "validate")
+    stages.record_stage(root, "ingest")
+    stages.record_stage(root, "validate")
     return report
 
 
 @task(name="version", retries=2, retry_delay_seconds=5)
 def version_task(root: Path) -> dict[str, Any]:
     """DVC's repository lock may be held by another process for a moment: retried."""
-    return pipeline.version(root)
+    return stages.version(root)
 
 
 @task(name="train")
 def train_task(root: Path) -> list[str]:
-    methods = pipeline.train(root, _params(root))
-    pipeline.record_stage(root, "train")
+    methods = stages.train(root, _params(root).train)
+    stages.record_stage(root, "train")
     return methods
 
 
 @task(name="evaluate")
-def evaluate_task(root: Path) -> dict[str, dict[str, Any]]:
-    metrics = pipeline.evaluate(root, _params(root))
-    pipeline.record_stage(root, "evaluate")
+def evaluate_task(root: Path) -> dict[str, Metrics]:
+    metrics = stages.evaluate(root, _params(root).evaluate)
+    stages.record_stage(root, "evaluate")
     return metrics
 
 
 @task(name="promote", retries=2, retry_delay_seconds=5)
 def promote_task(root: Path) -> dict[str, Any]:
     """The registry (a database, possibly remote) can be briefly unavailable: retried."""
-    decision = pipeline.promote(root, _params(root))
-    pipeline.record_stage(root, "promote")
+    decision = stages.promote(root, _params(root).promote)
+    stages.record_stage(root, "promote")
     return decision
 
 
@@ -104,7 +105,7 @@ def bidfcl_pipeline(
     if budget is not None:
         overrides |= {"train.budget": float(budget), "evaluate.budget": float(budget)}
     if overrides:
-        pipeline.set_params(root / PARAMS_FILE, overrides)
+        set_params(root / PARAMS_FILE, overrides)
 
     ingest_task(root)
     validate_task(root)
@@ -113,7 +114,7 @@ def bidfcl_pipeline(
     metrics = evaluate_task(root)
     decision = promote_task(root)
 
-    rows = pipeline.summary_rows(metrics)
+    rows = stages.summary_rows(metrics)
     create_table_artifact(
         key="bidfcl-methods",
         table=rows,
@@ -126,8 +127,8 @@ def bidfcl_pipeline(
     return {
         "rows": rows,
         "promotion": decision,
-        "curves": str(root / pipeline.CURVES_DIR),
-        "metrics": str(root / pipeline.METRICS_DIR),
+        "curves": str(root / stages.CURVES_DIR),
+        "metrics": str(root / stages.METRICS_DIR),
     }
 
 
@@ -157,7 +158,7 @@ def main() -> None:
     result = bidfcl_pipeline(args.project_dir, args.data_path, args.budget)
     promotion = result["promotion"]
     print()
-    print(pipeline.render_table(result["rows"]))
+    print(stages.render_table(result["rows"]))
     print()
     print(
         f"gate: {promotion['method']} version {promotion['version']} {promotion['decision']}: "

@@ -1,0 +1,261 @@
+"""The Lightning side of training: the module every learner builds on and one way to fit it.
+
+:class:`UpliftLearner` trains one :class:`~bidfcl.model.UpliftModel` by the factual MSE,
+plus a decision loss for decision methods, and keeps the weights of its best validation
+epoch. The checkpoint kept, and the number early stopping watches, is the epoch's score on
+``rct_val`` named by ``select_by``:
+
+- ``loss`` (default): the method's own RCT objective on rct_val (factual MSE; a decision
+  method adds its decision loss at the current lambda*, as in training);
+- ``eom``: the validation EOM, the paper's rule. On a small validation set its
+  epoch-to-epoch noise (IPW, hard argmax) is several times the real change between epochs,
+  so it stops at a lucky early epoch (benchmarks/results/methods.md).
+
+Both are logged every epoch. :func:`fit_learner` runs the Trainer and describes the run in
+the model's metadata; :func:`scoped_torch_settings` keeps training's thread and determinism
+settings from leaking into the rest of the process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import EarlyStopping
+from lightning.pytorch.loggers import CSVLogger
+
+from bidfcl.allocation import solve_mckp
+from bidfcl.contract import Dataset, LoggedData, Truth
+from bidfcl.decision import DecisionLoss
+from bidfcl.evaluation import expected_outcome_metric
+from bidfcl.losses import factual_mse
+from bidfcl.model import UpliftModel
+from bidfcl.train_config import SELECT_BY, TrainConfig
+
+
+class UpliftLearner(L.LightningModule):
+    """Trains one UpliftModel by a method's loss; keeps the weights of its best validation
+    epoch (``config.select_by``).
+
+    Decision methods get ``decision_x`` (the raw features of the users the budget is spread
+    over, RCT train) and re-solve lambda* on them at the start of every epoch.
+    """
+
+    def __init__(
+        self,
+        model: UpliftModel,
+        decision_loss: DecisionLoss | None,
+        config: TrainConfig,
+        budget: float,
+        lr: float,
+        decision_x: torch.Tensor | None = None,
+        val_truth: Truth | None = None,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.net = model.net  # registered as submodules so Lightning moves and optimises them
+        self.scaler = model.scaler
+        self.decision_loss = decision_loss
+        self.decision_settings = config.decision_settings
+        self.config = config
+        self.budget = budget
+        self.lr = lr
+        self.decision_x = decision_x
+        self.val_truth = val_truth
+        self.lam = 0.0
+        self.history: list[dict[str, float]] = []
+        self.monitor, self.maximize = SELECT_BY[config.select_by]
+        self.best_score = -math.inf if self.maximize else math.inf
+        self.best_epoch = -1
+        self.best_state: dict[str, torch.Tensor] | None = None
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(
+            self.net.parameters(), lr=self.lr, weight_decay=self.config.weight_decay
+        )
+
+    def on_train_epoch_start(self) -> None:
+        if self.decision_x is None:
+            return
+        revenue_hat, cost_hat = self.model.predict(self.decision_x)
+        lam = solve_mckp(revenue_hat, cost_hat, self.budget).lam
+        # lambda* is inf only if the predicted cheapest arms overspend; keep the last one.
+        if math.isfinite(lam):
+            self.lam = lam
+        self.log("lambda", self.lam, on_step=False, on_epoch=True)
+
+    def objective(
+        self, revenue_hat: torch.Tensor, cost_hat: torch.Tensor, batch: LoggedData
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Factual MSE; decision methods add their decision loss and weight the MSE by alpha.
+        Returns the loss and its parts by name (``mse``, ``decision``)."""
+        mse = factual_mse(
+            revenue_hat, cost_hat, batch.treatment, batch.revenue, batch.cost, batch.weight
+        )
+        if self.decision_loss is None:
+            return mse, {"mse": mse}
+        decision = self.decision_loss(
+            revenue_hat, cost_hat, batch, self.lam, self.decision_settings
+        )
+        return decision + self.config.alpha * mse, {"mse": mse, "decision": decision}
+
+    def training_step(self, batch: LoggedData, batch_idx: int) -> torch.Tensor:
+        revenue_hat, cost_hat = self.model.forward(batch.x)
+        loss, parts = self.objective(revenue_hat, cost_hat, batch)
+        metrics = {f"train_{name}": value for name, value in parts.items()}
+        self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=batch.n_rows)
+        self.log(
+            "train_loss", loss, prog_bar=True, on_step=False, on_epoch=True, batch_size=batch.n_rows
+        )
+        return loss
+
+    def validation_step(self, batch: LoggedData, batch_idx: int) -> None:
+        revenue_hat, cost_hat = self.model.forward(batch.x)
+        result = expected_outcome_metric(
+            batch,
+            revenue_hat,
+            cost_hat,
+            self.budget,
+            truth=self.val_truth,
+        )
+        loss, parts = self.objective(revenue_hat, cost_hat, batch)
+        metrics = {
+            "val_loss": float(loss),
+            **{f"val_{name}": float(value) for name, value in parts.items()},
+            "val_eom": result.eom.value,
+            "val_cost": result.cost.value,
+        }
+        if result.true_revenue is not None:
+            metrics["val_true_revenue"] = result.true_revenue
+        for name, value in metrics.items():
+            self.log(name, value, prog_bar=name == "val_eom", batch_size=batch.n_rows)
+        if not self.trainer.sanity_checking:
+            self._record(metrics)
+
+    def _record(self, metrics: dict[str, float]) -> None:
+        """Append the epoch to the history; snapshot the weights if its score is the best."""
+        lam = {"lambda": self.lam} if self.decision_x is not None else {}
+        self.history.append({"epoch": self.current_epoch, **lam, **metrics})
+        score = metrics[self.monitor]
+        if score > self.best_score if self.maximize else score < self.best_score:
+            self.best_score = score
+            self.best_epoch = self.current_epoch
+            self.best_state = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
+
+
+def fit_learner(
+    learner: UpliftLearner,
+    data: L.LightningDataModule,
+    dataset: Dataset,
+    config: TrainConfig,
+    budget: float,
+    progress: bool,
+    training_tables: Sequence[str],
+    n_train_rows: int,
+) -> UpliftModel:
+    """Fit ``learner`` on ``data``; return its model (CPU) at its best validation epoch,
+    with the run described in its metadata."""
+    model = learner.model
+    started = time.perf_counter()
+    with quiet_lightning():
+        make_trainer(config, progress).fit(learner, datamodule=data)
+    seconds = time.perf_counter() - started
+
+    model.to("cpu")
+    if learner.best_state is not None:
+        model.net.load_state_dict(learner.best_state)
+    epochs_run = len(learner.history)
+    best = next((row for row in learner.history if row["epoch"] == learner.best_epoch), None)
+    model.metadata = {
+        "method": config.method,
+        "seed": config.seed,
+        "budget": budget,
+        "best_epoch": learner.best_epoch,
+        "selected_by": learner.monitor,
+        "best_val_eom": best["val_eom"] if best else None,
+        "best_val_loss": best["val_loss"] if best else None,
+        "val_eom_history": [row["val_eom"] for row in learner.history],
+        "history": learner.history,
+        "epochs_run": epochs_run,
+        "fit_seconds": seconds,
+        "seconds_per_epoch": seconds / max(1, epochs_run),
+        "training_tables": list(training_tables),
+        "n_train_rows": n_train_rows,
+        "train_config": config.to_dict(),
+        "dataset": dataset.meta.to_dict(),
+        "dataset_path": str(dataset.path) if dataset.path is not None else None,
+    }
+    return model
+
+
+def make_trainer(config: TrainConfig, progress: bool) -> L.Trainer:
+    logger = CSVLogger(config.log_dir, name=config.method) if config.log_dir else False
+    monitor, maximize = SELECT_BY[config.select_by]
+    use_cuda = torch.cuda.is_available() and config.accelerator in ("auto", "gpu", "cuda")
+    # Some CUDA kernels have no deterministic version: warn there instead of failing.
+    deterministic: bool | str = config.deterministic
+    if config.deterministic and use_cuda:
+        deterministic = "warn"
+    return L.Trainer(
+        accelerator=config.accelerator,
+        devices=1,
+        max_epochs=config.max_epochs,
+        deterministic=deterministic,
+        callbacks=[
+            EarlyStopping(
+                monitor=monitor, mode="max" if maximize else "min", patience=config.patience
+            )
+        ],
+        enable_checkpointing=False,
+        enable_progress_bar=progress,
+        enable_model_summary=False,
+        logger=logger,
+        num_sanity_val_steps=0,
+        fast_dev_run=config.fast_dev_run,
+    )
+
+
+@contextlib.contextmanager
+def quiet_lightning() -> Iterator[None]:
+    """Hide Lightning's start-up chatter (device summary, tips, data loader hints)."""
+    names = ("lightning.pytorch", "lightning.fabric")
+    levels = {name: logging.getLogger(name).level for name in names}
+    for name in names:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+            warnings.filterwarnings("ignore", message=".*no logger configured.*")
+            warnings.filterwarnings("ignore", message=".*treespec.*deprecated.*")
+            warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+            yield
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+
+
+@contextlib.contextmanager
+def scoped_torch_settings(n_threads: int | None) -> Iterator[None]:
+    """Cap torch's CPU threads while training (None: leave them), and afterwards restore them
+    and the deterministic-algorithms flag the Trainer sets, so later code in the same process
+    (evaluation, a pipeline) runs as it would have.
+
+    A small MLP gains little from intra-op threads, and on a busy CPU they spin and slow
+    every step down.
+    """
+    previous_threads = torch.get_num_threads()
+    previous_deterministic = torch.are_deterministic_algorithms_enabled()
+    previous_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    if n_threads is not None:
+        torch.set_num_threads(n_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous_threads)
+        torch.use_deterministic_algorithms(previous_deterministic, warn_only=previous_warn_only)

@@ -1,0 +1,215 @@
+"""The methods a user can train, by name, and the one entry point that trains any of them.
+
+Every method trains the same :class:`~bidfcl.model.UpliftNet`; methods differ only in the
+rows they learn from, the per-row weights, the loss and how they are fitted, so a method
+is one entry of :data:`METHOD_SPECS`.
+
+- ``tsm-rct`` / ``tsm-obs`` / ``tsm-both``: factual MSE (per-arm weighted) on RCT train,
+  OBS, or both.
+- ``tsm-ips``: factual MSE on OBS weighted by 1 / p, with p from a multinomial logistic
+  propensity model fitted on OBS features and clipped from below.
+- ``dfcl-ppl`` / ``dfcl-pifd``: primal decision losses on RCT train at lambda*, which is
+  re-solved from the current predictions at the start of every epoch, plus alpha * MSE;
+  warm-started from a ``tsm-rct`` model.
+- ``dfcl-pl`` / ``dfcl-ifd``: DFCL's dual losses over a lambda grid (scales of the current
+  lambda*), plus alpha * MSE; warm-started the same way.
+- ``bidfcl-ppl`` / ``bidfcl-pifd``: the bi-level learner of :mod:`bidfcl.bilevel` (a Bridge
+  tuned by the RCT decision loss mixes a frozen tsm-rct Teacher into the OBS pseudo-labels
+  of the Target); the Teacher is trained here and is also the Target's start.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+
+from bidfcl.bilevel import fit_bilevel
+from bidfcl.contract import (
+    OBS,
+    RCT_TRAIN,
+    RCT_VAL,
+    Dataset,
+    LoggedData,
+    concat_logged,
+    load_dataset,
+)
+from bidfcl.datamodule import UpliftDataModule
+from bidfcl.decision import (
+    DecisionLoss,
+    dual_ifd_decision,
+    dual_pl_decision,
+    pifd_decision,
+    ppl_decision,
+)
+from bidfcl.learner import UpliftLearner, fit_learner, scoped_torch_settings
+from bidfcl.model import UpliftModel
+from bidfcl.propensity import ips_weights
+from bidfcl.train_config import TrainConfig
+
+# (spec, dataset, config, budget, start_from, progress) -> the fitted model (on the CPU)
+Fit = Callable[["MethodSpec", Dataset, TrainConfig, float, UpliftModel | None, bool], UpliftModel]
+# the metadata kept of the model a method started from
+START_SUMMARY_KEYS = ("method", "best_epoch", "best_val_eom", "best_val_loss", "epochs_run")
+
+
+def fit_single_level(
+    spec: MethodSpec,
+    dataset: Dataset,
+    config: TrainConfig,
+    budget: float,
+    start_from: UpliftModel | None,
+    progress: bool,
+) -> UpliftModel:
+    """One Lightning fit of one method on its source tables, from ``start_from`` (copied)
+    or a fresh network."""
+    L.seed_everything(config.seed, workers=True, verbose=False)
+    train_rows = _training_rows(dataset, spec, config)
+    if start_from is None:
+        model = UpliftModel.build(
+            train_rows.x,
+            dataset.meta.feature_columns,
+            dataset.meta.treatment_names,
+            config.model_config,
+        )
+    else:
+        model = copy.deepcopy(start_from).to("cpu")
+    learner = UpliftLearner(
+        model,
+        spec.decision_loss,
+        config,
+        budget,
+        lr=config.decision_lr if spec.decision else config.lr,
+        decision_x=train_rows.x if spec.decision else None,
+        val_truth=dataset.truth_for(RCT_VAL),
+    )
+    batch_size = config.decision_batch_size if spec.decision else config.batch_size
+    data = UpliftDataModule(
+        train_rows, dataset.logged(RCT_VAL), batch_size, config.seed, config.num_workers
+    )
+    return fit_learner(
+        learner, data, dataset, config, budget, progress, spec.sources, len(train_rows)
+    )
+
+
+def fit_bilevel_method(
+    spec: MethodSpec,
+    dataset: Dataset,
+    config: TrainConfig,
+    budget: float,
+    start_from: UpliftModel | None,
+    progress: bool,
+) -> UpliftModel:
+    """A bidfcl-* fit: ``start_from`` is the Teacher (see :attr:`MethodSpec.teacher`)."""
+    if start_from is None or spec.decision_loss is None:
+        raise ValueError(f"{config.method}: a bi-level fit needs a Teacher and a decision loss")
+    return fit_bilevel(dataset, config, budget, spec.decision_loss, start_from, progress)
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """How one method trains: its rows, their weights, its loss and its fit function.
+
+    Every method fits the factual MSE on ``sources``; a ``decision_loss`` makes it a
+    decision method: it must train on RCT rows (the loss needs known propensities), uses
+    ``decision_batch_size`` and ``decision_lr``, re-solves lambda* every epoch and adds
+    alpha * MSE. ``warm_start`` names the method whose model it is fine-tuned from;
+    ``teacher`` the method whose model a bi-level fit uses as its frozen Teacher (and as
+    the Target's start). Either is trained first, for ``warm_start_epochs``.
+    """
+
+    sources: tuple[str, ...]
+    decision_loss: DecisionLoss | None = None
+    ips_weighted: bool = False
+    warm_start: str | None = None
+    teacher: str | None = None
+    fit: Fit = fit_single_level
+
+    @property
+    def decision(self) -> bool:
+        return self.decision_loss is not None
+
+
+METHOD_SPECS: dict[str, MethodSpec] = {
+    "tsm-rct": MethodSpec((RCT_TRAIN,)),
+    "tsm-obs": MethodSpec((OBS,)),
+    "tsm-both": MethodSpec((RCT_TRAIN, OBS)),
+    "tsm-ips": MethodSpec((OBS,), ips_weighted=True),
+    "dfcl-ppl": MethodSpec((RCT_TRAIN,), ppl_decision, warm_start="tsm-rct"),
+    "dfcl-pifd": MethodSpec((RCT_TRAIN,), pifd_decision, warm_start="tsm-rct"),
+    "dfcl-pl": MethodSpec((RCT_TRAIN,), dual_pl_decision, warm_start="tsm-rct"),
+    "dfcl-ifd": MethodSpec((RCT_TRAIN,), dual_ifd_decision, warm_start="tsm-rct"),
+    "bidfcl-ppl": MethodSpec(
+        (OBS, RCT_TRAIN), ppl_decision, teacher="tsm-rct", fit=fit_bilevel_method
+    ),
+    "bidfcl-pifd": MethodSpec(
+        (OBS, RCT_TRAIN), pifd_decision, teacher="tsm-rct", fit=fit_bilevel_method
+    ),
+}
+METHODS: tuple[str, ...] = tuple(METHOD_SPECS)
+
+
+def method_spec(method: str) -> MethodSpec:
+    """The spec of ``method``; an unknown name is a clear error listing the known ones."""
+    if method not in METHOD_SPECS:
+        raise ValueError(f"unknown method {method!r}; choose one of {list(METHODS)}")
+    return METHOD_SPECS[method]
+
+
+def train_model(
+    dataset: Dataset,
+    config: TrainConfig,
+    progress: bool = True,
+    warm_start: UpliftModel | None = None,
+) -> UpliftModel:
+    """Train ``config.method`` and return the model of its best validation epoch.
+
+    Training starts from ``warm_start`` when one is given (it is copied, not modified);
+    otherwise a method with a warm-start or Teacher method first trains that method for
+    ``warm_start_epochs``. The returned model is on the CPU; its metadata records the
+    method, seed, budget, best epoch, per-epoch validation history, the warm start (the
+    Teacher of a bi-level method is under ``teacher``) and the dataset's metadata.
+    """
+    spec = method_spec(config.method)
+    budget = dataset.meta.budget_or_default(config.budget)
+    with scoped_torch_settings(config.num_threads):
+        start_from = warm_start
+        first = spec.warm_start or spec.teacher
+        if start_from is None and first is not None:
+            first_config = replace(config, method=first, max_epochs=config.warm_start_epochs)
+            first_spec = method_spec(first)
+            start_from = first_spec.fit(first_spec, dataset, first_config, budget, None, progress)
+        model = spec.fit(spec, dataset, config, budget, start_from, progress)
+    fine_tuned_from = warm_start if spec.warm_start is None else start_from
+    model.metadata["warm_start"] = _summary(fine_tuned_from)
+    return model
+
+
+def train_to_folder(
+    data_dir: Path | str, out_dir: Path | str, config: TrainConfig, progress: bool = True
+) -> Path:
+    """Load a dataset folder, train ``config.method`` and save the model folder atomically."""
+    dataset = load_dataset(data_dir, tables=(OBS, RCT_TRAIN, RCT_VAL))
+    return train_model(dataset, config, progress).save(out_dir)
+
+
+def _summary(model: UpliftModel | None) -> dict[str, Any] | None:
+    if model is None:
+        return None
+    return {key: model.metadata.get(key) for key in START_SUMMARY_KEYS}
+
+
+def _training_rows(dataset: Dataset, spec: MethodSpec, config: TrainConfig) -> LoggedData:
+    parts = []
+    for table in spec.sources:
+        logged = dataset.logged(table)
+        if spec.ips_weighted:
+            logged = logged.with_weight(
+                ips_weights(logged, config.ips_clip, config.propensity_steps)
+            )
+        parts.append(logged)
+    return concat_logged(parts)

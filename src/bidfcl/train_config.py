@@ -1,0 +1,142 @@
+"""The ``train:`` settings every learner reads, checked once when they are built.
+
+params.yaml's ``train:`` section becomes a :class:`TrainConfig` (through
+:mod:`bidfcl.params`); the library defaults equal the shipped params.yaml, so code that
+builds one by hand trains what the pipeline trains. Which method names exist is
+:mod:`bidfcl.methods`' business, not this module's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from bidfcl.decision import DecisionSettings
+from bidfcl.model import ModelConfig
+
+# select_by -> (the logged validation metric, whether larger is better)
+SELECT_BY: dict[str, tuple[str, bool]] = {"loss": ("val_loss", False), "eom": ("val_eom", True)}
+# Settings that name one of a few variants, and those variants.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "select_by": tuple(SELECT_BY),
+    "bridge": ("gate", "ipw"),
+    "hypergradient": ("implicit", "explicit"),
+    "curvature": ("gauss_newton", "hessian"),
+}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything in params.yaml's ``train:`` section (see that file for the meaning).
+
+    ``budget`` is the mean cost per user; None takes the dataset's ``default_budget``.
+    """
+
+    method: str = "tsm-rct"
+    seed: int = 0
+    budget: float | None = None
+    max_epochs: int = 100
+    patience: int = 10
+    select_by: str = "loss"
+    batch_size: int = 2048
+    decision_batch_size: int = 4096
+    lr: float = 1e-3
+    decision_lr: float = 1e-3
+    weight_decay: float = 0.0
+    hidden: tuple[int, ...] = (128, 64, 32)
+    dropout: float = 0.0
+    activation: str = "relu"
+    alpha: float = 1.0
+    tau: float = 1.0
+    h: float = 3.0
+    dual_lambda_scales: tuple[float, ...] = (0.5, 0.75, 1.0, 1.5, 2.0)
+    ips_clip: float = 0.05
+    propensity_steps: int = 200
+    warm_start_epochs: int = 100
+    bilevel_k: int = 5
+    n_cg: int = 50
+    cg_tol: float = 0.1
+    cg_damping: float = 1.0
+    lookahead_lr: float = 1e-2
+    bridge_lr: float = 1e-3
+    bridge_hidden: tuple[int, ...] = (32,)
+    bridge_warmup_epochs: int = 1
+    pseudo_label_weight: float = 1.0
+    bridge: str = "gate"
+    hypergradient: str = "implicit"
+    curvature: str = "gauss_newton"
+    curvature_fraction: float = 0.5
+    accelerator: str = "auto"
+    deterministic: bool = True
+    num_workers: int = 0
+    num_threads: int | None = None
+    fast_dev_run: bool = False
+    log_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "hidden", tuple(int(w) for w in self.hidden))
+        object.__setattr__(self, "bridge_hidden", tuple(int(w) for w in self.bridge_hidden))
+        object.__setattr__(
+            self, "dual_lambda_scales", tuple(float(s) for s in self.dual_lambda_scales)
+        )
+        positive = {
+            "max_epochs": self.max_epochs,
+            "patience": self.patience,
+            "batch_size": self.batch_size,
+            "decision_batch_size": self.decision_batch_size,
+            "lr": self.lr,
+            "decision_lr": self.decision_lr,
+            "tau": self.tau,
+            "h": self.h,
+            "propensity_steps": self.propensity_steps,
+            "warm_start_epochs": self.warm_start_epochs,
+            "bilevel_k": self.bilevel_k,
+            "n_cg": self.n_cg,
+            "cg_tol": self.cg_tol,
+            "lookahead_lr": self.lookahead_lr,
+            "bridge_lr": self.bridge_lr,
+        }
+        bad = {name: value for name, value in positive.items() if not value > 0}
+        if bad:
+            raise ValueError(f"these train settings must be > 0: {bad}")
+        if self.budget is not None and self.budget < 0:
+            raise ValueError(f"budget must be >= 0 (mean cost per user), got {self.budget}")
+        if not 0 < self.ips_clip <= 1:
+            raise ValueError(f"ips_clip must lie in (0, 1], got {self.ips_clip}")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1 or null, got {self.num_threads}")
+        if self.alpha < 0 or self.weight_decay < 0 or self.num_workers < 0:
+            raise ValueError("alpha, weight_decay and num_workers must be >= 0")
+        if min(self.cg_damping, self.pseudo_label_weight, self.bridge_warmup_epochs) < 0:
+            raise ValueError(
+                "cg_damping, pseudo_label_weight and bridge_warmup_epochs must be >= 0"
+            )
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}"
+                )
+        if not 0 < self.curvature_fraction <= 1:
+            raise ValueError(
+                f"curvature_fraction must lie in (0, 1], got {self.curvature_fraction}"
+            )
+        if not self.dual_lambda_scales or min(self.dual_lambda_scales) < 0:
+            raise ValueError(
+                f"dual_lambda_scales must be non-empty and >= 0: {self.dual_lambda_scales}"
+            )
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return ModelConfig(hidden=self.hidden, dropout=self.dropout, activation=self.activation)
+
+    @property
+    def decision_settings(self) -> DecisionSettings:
+        return DecisionSettings(tau=self.tau, h=self.h, dual_lambda_scales=self.dual_lambda_scales)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **asdict(self),
+            "hidden": list(self.hidden),
+            "bridge_hidden": list(self.bridge_hidden),
+            "dual_lambda_scales": list(self.dual_lambda_scales),
+        }
