@@ -80,9 +80,9 @@ def evaluate_task(root: Path) -> dict[str, Metrics]:
 @task(name="promote", retries=2, retry_delay_seconds=5)
 def promote_task(root: Path) -> dict[str, Any]:
     """The registry (a database, possibly remote) can be briefly unavailable: retried."""
-    decision = stages.promote(root, _params(root).promote)
+    promotion = stages.promote(root, _params(root).promote)
     stages.record_stage(root, "promote")
-    return decision
+    return promotion
 
 
 @flow(name="bidfcl-pipeline", log_prints=True)
@@ -112,21 +112,21 @@ def bidfcl_pipeline(
     version_task(root)
     train_task(root)
     metrics = evaluate_task(root)
-    decision = promote_task(root)
+    promotion = promote_task(root)
 
     rows = stages.summary_rows(metrics)
     create_table_artifact(
         key="bidfcl-methods",
         table=rows,
         description=(
-            f"EOM on held-out RCT per method. Gate: {decision['method']} v{decision['version']} "
-            f"{decision['decision']} ({decision['reason']}); champion is "
-            f"v{decision['champion_version']}."
+            f"EOM on held-out RCT per method. Gate: {promotion['method']} "
+            f"v{promotion['version']} {promotion['decision']} ({promotion['reason']}); "
+            f"champion is v{promotion['champion_version']}."
         ),
     )
     return {
         "rows": rows,
-        "promotion": decision,
+        "promotion": promotion,
         "curves": str(root / stages.CURVES_DIR),
         "metrics": str(root / stages.METRICS_DIR),
     }

@@ -286,11 +286,11 @@ def stage_promote(root: RootOption = Path("."), params: ParamsOption = Path("par
     from bidfcl.params import load_params
     from bidfcl.stages import promote
 
-    decision = promote(root, load_params(params).promote)
+    promotion = promote(root, load_params(params).promote)
     typer.echo(
-        f"{decision['model_name']} version {decision['version']} ({decision['method']}) "
-        f"{decision['decision']}: {decision['reason']}; champion is version "
-        f"{decision['champion_version']}"
+        f"{promotion['model_name']} version {promotion['version']} ({promotion['method']}) "
+        f"{promotion['decision']}: {promotion['reason']}; champion is version "
+        f"{promotion['champion_version']}"
     )
 
 
