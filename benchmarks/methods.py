@@ -13,8 +13,11 @@ the extra epochs.
 Scored on rct_test at the dataset's default budget (mean cost per user):
 - EOM: IPW revenue of the Lagrangian policy whose IPW cost meets the budget, 95% CLT
   interval, its lambda, and the true revenue/cost of that same policy;
-- deployed: ``solve_mckp`` on the predicted revenue/cost (what a user would ship), scored
-  with the truth; its true cost may exceed the budget when costs are under-predicted;
+- deployed: ``solve_mckp`` on the predicted revenue/cost (what ships without spend
+  calibration), scored with the truth; its true cost may exceed the budget when costs are
+  under-predicted;
+- calibrated: the Lagrangian policy at the lambda calibrated on rct_val's doubly robust
+  spend (``bidfcl.deployment``; what ships with ``calibrate_spend``), scored with the truth;
 - lambda from rct_train: the Lagrangian policy at the lambda* that training re-solves on
   rct_train predictions, applied to rct_test users (truth);
 - ranking: the true revenue of the model's Lagrangian policy whose *true* cost meets the
@@ -49,6 +52,7 @@ from scipy import stats
 
 from bidfcl.allocation import lagrangian_choice, solve_mckp
 from bidfcl.contract import RCT_TEST, RCT_TRAIN, Dataset, LoggedData, Truth
+from bidfcl.deployment import Calibration
 from bidfcl.evaluation import expected_outcome_metric
 from bidfcl.io import atomic_write, write_json
 from bidfcl.methods import METHOD_SPECS, METHODS, train_model
@@ -89,6 +93,9 @@ class MethodScore:
     deployed_true_cost: float
     deployed_over_budget: bool
     deployed_lambda: float
+    calibrated_lambda: float  # NaN when the model carries no spend calibration
+    calibrated_true_revenue: float
+    calibrated_true_cost: float
     train_lambda: float
     train_lambda_true_revenue: float
     train_lambda_true_cost: float
@@ -138,6 +145,13 @@ def score_model(
     eom_dr = expected_outcome_metric(test, revenue_pred, cost_pred, budget, "dr")
     deployed = solve_mckp(revenue_pred, cost_pred, budget)
     deployed_revenue, deployed_cost = truth.policy_value(deployed.treatment)
+    calibration = Calibration.of(model)
+    calibrated_lambda, calibrated = math.nan, (math.nan, math.nan)
+    if calibration is not None:
+        calibrated_lambda = calibration.lam
+        calibrated = truth.policy_value(
+            lagrangian_choice(revenue_pred, cost_pred, calibrated_lambda)
+        )
     train_lambda = solve_mckp(*model.predict(train_x), budget).lam
     at_train_lambda = truth.policy_value(lagrangian_choice(revenue_pred, cost_pred, train_lambda))
     meta = model.metadata
@@ -157,6 +171,9 @@ def score_model(
         deployed_true_cost=deployed_cost,
         deployed_over_budget=deployed_cost > budget,
         deployed_lambda=deployed.lam,
+        calibrated_lambda=calibrated_lambda,
+        calibrated_true_revenue=calibrated[0],
+        calibrated_true_cost=calibrated[1],
         train_lambda=train_lambda,
         train_lambda_true_revenue=at_train_lambda[0],
         train_lambda_true_cost=at_train_lambda[1],
@@ -237,6 +254,8 @@ SUMMARISED = (
     "eom_dr",
     "deployed_true_revenue",
     "deployed_true_cost",
+    "calibrated_true_revenue",
+    "calibrated_true_cost",
     "train_lambda_true_revenue",
     "ranking_true_revenue",
     "eom_lambda",

@@ -165,6 +165,11 @@ def main() -> None:
         f"{promotion['reason']}"
     )
     print(f"champion: {promotion['model_name']} version {promotion['champion_version']}")
+    holdout = promotion["holdout"]
+    print(
+        f"held-out {holdout['table']} (md5 {holdout['md5'][:8]}) has now served "
+        f"{holdout['decisions']} gate decision(s); a new RCT batch refreshes it"
+    )
     print(f"metrics: {result['metrics']}/   budget-value curves: {result['curves']}/")
     print(f"MLflow: mlflow ui --backend-store-uri {promotion['tracking_uri']}")
 

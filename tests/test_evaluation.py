@@ -14,6 +14,7 @@ import torch
 from bidfcl import evaluation as E
 from bidfcl.allocation import lagrangian_choice
 from bidfcl.contract import LoggedData, Truth, load_dataset
+from bidfcl.outcome_model import crossfit_outcomes
 
 
 def _logged(
@@ -291,3 +292,61 @@ def test_eom_on_simulated_rct_sits_near_the_truth(small_dataset_dir: Path) -> No
     assert result.true_revenue is not None and result.true_cost is not None
     assert abs(result.eom.value - result.true_revenue) < 4 * result.eom.std_error
     assert np.isfinite([result.eom.ci_low, result.eom.ci_high]).all()
+
+
+# ----------------------------------------------------------------------------- two policies
+
+
+def _two_policies(truth: Truth, changed_share: float, seed: int) -> tuple[torch.Tensor, ...]:
+    """B: a Lagrangian policy of the truth; A: B with a random share of users sent to
+    another arm (so A and B agree on the rest)."""
+    g = torch.Generator().manual_seed(seed)
+    policy_b = lagrangian_choice(truth.revenue, truth.cost, 0.4)
+    n, n_arms = truth.revenue.shape
+    changed = torch.rand(n, generator=g) < changed_share
+    shift = torch.randint(1, n_arms, (n,), generator=g)
+    policy_a = torch.where(changed, (policy_b + shift) % n_arms, policy_b)
+    return policy_a, policy_b
+
+
+@pytest.mark.parametrize("estimator", ["ipw", "dr"])
+def test_paired_difference_is_unbiased_over_randomized_logs(estimator: str) -> None:
+    truth = _population(1500, 4, seed=3)
+    policy_a, policy_b = _two_policies(truth, 0.4, seed=1)
+    true_difference = truth.policy_value(policy_a)[0] - truth.policy_value(policy_b)[0]
+    differences, covered = [], 0
+    for seed in range(300):
+        data = _rct(truth, seed)
+        direct = crossfit_outcomes(data, seed=seed) if estimator == "dr" else None
+        result = E.compare_policies(data, policy_a, policy_b, estimator, direct, truth=truth)
+        assert result.true_difference == pytest.approx(true_difference)
+        differences.append(result.difference)
+        covered += result.ci_low <= true_difference <= result.ci_high
+    spread = statistics.stdev(differences) / math.sqrt(len(differences))
+    assert abs(statistics.fmean(differences) - true_difference) < 4 * spread
+    assert 0.90 <= covered / len(differences) <= 0.99
+
+
+def test_paired_interval_is_narrower_than_unpaired_when_policies_mostly_agree() -> None:
+    truth = _population(4000, 4, seed=5)
+    data = _rct(truth, seed=0)
+    for changed_share, at_most in ((0.1, 0.6), (0.5, 1.2)):
+        policy_a, policy_b = _two_policies(truth, changed_share, seed=2)
+        result = E.compare_policies(data, policy_a, policy_b, "ipw")
+        assert result.agreement == pytest.approx(1 - changed_share, abs=0.03)
+        # IPW: users on whom the policies agree add nothing, so the ratio is about
+        # sqrt(2 (1 - agreement)) for equal-variance arms
+        assert result.std_error / result.unpaired_std_error < at_most
+    same = E.compare_policies(data, policy_b, policy_b, "ipw")
+    assert same.difference == 0.0 and same.std_error == 0.0 and same.p_value == 1.0
+
+
+def test_a_paired_dr_comparison_needs_an_independent_outcome_model() -> None:
+    truth = _population(200, 3, seed=1)
+    data = _rct(truth, seed=0)
+    policy_a, policy_b = _two_policies(truth, 0.5, seed=0)
+    with pytest.raises(ValueError, match="independent of both policies"):
+        E.compare_policies(data, policy_a, policy_b, "dr")
+    bootstrap = E.compare_policies(data, policy_a, policy_b, "ipw", interval="bootstrap")
+    assert bootstrap.ci_low < bootstrap.difference < bootstrap.ci_high
+    assert bootstrap.ci_low <= bootstrap.lower_bound

@@ -113,8 +113,10 @@ def test_first_run_completes_and_promotes_exactly_one_champion(runs: Runs) -> No
     assert promotion["version"] == promotion["champion_version"] == "1"
     assert [row["method"] for row in runs.first["rows"]] == ["tsm-rct"]
     row = runs.first["rows"][0]
-    assert row["eom_ci_low"] < row["eom"] < row["eom_ci_high"]
-    assert row["true_value"] is not None
+    assert row["deployed_value_ci_low"] < row["deployed_value"] < row["deployed_value_ci_high"]
+    assert row["deployed_true_value"] is not None
+    assert row["reference"] == "tsm-rct" and row["paired_difference"] == 0.0  # itself
+    assert promotion["holdout"]["decisions"] == 1
     versions = runs.client().search_model_versions(f"name='{MODEL_NAME}'")
     promoted = [v for v in versions if v.tags.get("decision") == "promoted"]
     assert [str(v.version) for v in promoted] == ["1"]
@@ -138,7 +140,7 @@ def test_each_run_publishes_a_table_of_methods_and_the_gate_decision(runs: Runs)
     assert all(table.type == "table" and "tsm-rct" in str(table.data) for table in tables)
     descriptions = " ".join(str(table.description) for table in tables)
     assert "promoted" in descriptions
-    assert "rejected (no better challenger" in descriptions
+    assert "rejected (no proven gain over champion v1" in descriptions
 
 
 def test_dvc_knows_everything_the_flow_wrote(runs: Runs) -> None:
@@ -158,12 +160,17 @@ def test_dvc_knows_everything_the_flow_wrote(runs: Runs) -> None:
 def test_second_run_on_the_same_data_promotes_nothing_and_says_why(runs: Runs) -> None:
     promotion = runs.second["promotion"]
     assert promotion["decision"] == "rejected"
-    assert promotion["reason"].startswith("no better challenger")
+    # the same seed retrains the same model: every user gets the same arm, so the paired
+    # difference is exactly 0 and its lower bound cannot clear the margin
+    assert promotion["reason"].startswith("no proven gain over champion v1")
+    assert promotion["difference"] == 0.0 and promotion["agreement"] == 1.0
     assert promotion["champion_version"] == "1"
+    assert promotion["holdout"]["decisions"] == 2  # both runs judged on the same rct_test
     client = runs.client()
     version = client.get_model_version(MODEL_NAME, promotion["version"])
     assert version.tags["decision"] == "rejected"
     assert version.tags["reason"] == promotion["reason"]
+    assert version.tags["holdout_uses"] == "2"
     assert str(client.get_model_version_by_alias(MODEL_NAME, "challenger").version) == "2"
     assert str(client.get_model_version_by_alias(MODEL_NAME, "champion").version) == "1"
 

@@ -10,9 +10,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from bidfcl.allocation import solve_mckp
+from bidfcl.allocation import lagrangian_choice, solve_mckp
 from bidfcl.cli import app
 from bidfcl.contract import RCT_TEST, load_dataset
+from bidfcl.deployment import Calibration
 from bidfcl.methods import train_to_folder
 from bidfcl.model import FeatureMismatchError, UpliftModel
 from bidfcl.scoring import Metrics, allocate_file, evaluate_model
@@ -118,3 +119,43 @@ def test_two_arm_metrics_rank_by_aucc_qini_and_auuc(tmp_path: Path) -> None:
     for key in ("aucc", "qini", "auuc"):
         assert isinstance(metrics[key], float), key
     assert "budget_curve_area" not in metrics
+
+
+def test_compare_writes_the_paired_difference_of_two_models(
+    model_dir: Path, small_dataset_dir: Path, tmp_path: Path
+) -> None:
+    other = train_to_folder(
+        small_dataset_dir,
+        tmp_path / "other",
+        TrainConfig(method="tsm-obs", max_epochs=2, num_threads=1),
+        progress=False,
+    )
+    out = tmp_path / "compare.json"
+    args = ["compare", str(other), str(model_dir), str(small_dataset_dir), "--out", str(out)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "A - B: revenue" in result.output and "true difference" in result.output
+    report = json.loads(out.read_text())
+    expected = {"difference", "ci_low", "ci_high", "p_value", "cost_difference", "agreement"}
+    assert expected | {"estimator", "n_users", "true_difference"} <= set(report)
+    assert report["estimator"] == "dr" and 0.0 <= report["agreement"] <= 1.0
+    assert report["ci_low"] <= report["difference"] <= report["ci_high"]
+    itself = runner.invoke(
+        app, ["compare", str(model_dir), str(model_dir), str(small_dataset_dir), "--out", str(out)]
+    )
+    assert itself.exit_code == 0
+    assert json.loads(out.read_text())["difference"] == 0.0
+
+
+def test_allocate_ships_the_calibrated_lambda_at_the_calibrated_budget(
+    model_dir: Path, small_dataset_dir: Path, tmp_path: Path
+) -> None:
+    model = UpliftModel.load(model_dir)
+    calibration = Calibration.of(model)
+    assert calibration is not None  # params.yaml's default: calibrate_spend
+    users = small_dataset_dir / "rct_test.parquet"
+    result = allocate_file(model_dir, users, calibration.budget, tmp_path / "plan.parquet")
+    x = load_dataset(small_dataset_dir, tables=(RCT_TEST,)).logged(RCT_TEST).x
+    revenue, cost = model.predict(x)
+    assert result.status == "calibrated" and result.lam == calibration.lam
+    assert result.treatment.equal(lagrangian_choice(revenue, cost, calibration.lam))

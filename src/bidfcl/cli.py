@@ -93,6 +93,12 @@ def fetch_hillstrom(
     typer.echo(f"Hillstrom CSV at {fetch(out_dir)}")
 
 
+class Estimator(StrEnum):
+    ipw = "ipw"
+    snipw = "snipw"
+    dr = "dr"
+
+
 class RawFormat(StrEnum):
     hillstrom = "hillstrom"
     criteo = "criteo"
@@ -161,15 +167,19 @@ def evaluate(
     budget: Annotated[
         float | None, typer.Option(help="Mean cost per user [default: the dataset's].")
     ] = None,
-    estimator: Annotated[str, typer.Option(help="ipw, snipw or dr.")] = "ipw",
+    estimator: Annotated[
+        Estimator, typer.Option(help="Off-policy estimator (DR: cross-fitted outcome model).")
+    ] = Estimator.dr,
     curve: Annotated[
         Path | None, typer.Option(help="Also write the budget-value curve as CSV.")
     ] = None,
 ) -> None:
-    """Score a model on held-out RCT data: EOM with its interval, cost, decision curve."""
+    """Score a model on held-out RCT data: EOM, the deployed allocation's revenue and spend."""
     from bidfcl.scoring import evaluate_model
 
-    metrics = evaluate_model(model_dir, data_dir, out, budget, estimator=estimator, curve_out=curve)
+    metrics = evaluate_model(
+        model_dir, data_dir, out, budget, estimator=estimator.value, curve_out=curve
+    )
     line = (
         f"EOM {metrics.eom:.4f} [{metrics.eom_ci_low:.4f}, {metrics.eom_ci_high:.4f}] "
         f"at budget {metrics.budget:.4f} (estimated cost {metrics.mean_cost:.4f})"
@@ -177,7 +187,49 @@ def evaluate(
     if metrics.true_value is not None:
         line += f"; true value {metrics.true_value:.4f}, true cost {metrics.true_cost:.4f}"
     typer.echo(line)
+    typer.echo(
+        f"deployed ({metrics.deployed_status}): revenue {metrics.deployed_value:.4f} "
+        f"[{metrics.deployed_value_ci_low:.4f}, {metrics.deployed_value_ci_high:.4f}], "
+        f"spend {metrics.deployed_cost:.4f} [{metrics.deployed_cost_ci_low:.4f}, "
+        f"{metrics.deployed_cost_ci_high:.4f}]"
+    )
     typer.echo(f"metrics written to {out}")
+
+
+@app.command()
+def compare(
+    model_a: Annotated[Path, typer.Argument(help="Saved model folder A (the challenger).")],
+    model_b: Annotated[Path, typer.Argument(help="Saved model folder B (the reference).")],
+    data_dir: Annotated[Path, typer.Argument(help="Dataset folder (its rct_test is scored).")],
+    out: Annotated[Path, typer.Option(help="compare.json to write.")] = Path("compare.json"),
+    budget: Annotated[
+        float | None, typer.Option(help="Mean cost per user [default: the dataset's].")
+    ] = None,
+    estimator: Annotated[
+        Estimator, typer.Option(help="ipw, or dr (outcome model cross-fitted on the table).")
+    ] = Estimator.dr,
+    alpha: Annotated[float, typer.Option(help="1 - confidence level.")] = 0.05,
+) -> None:
+    """Deployed revenue and spend of A minus B, paired on the same held-out RCT users."""
+    from dataclasses import asdict
+
+    from bidfcl.io import write_json
+    from bidfcl.scoring import compare_saved_models
+
+    result = compare_saved_models(
+        model_a, model_b, data_dir, budget, estimator=estimator.value, alpha=alpha
+    )
+    write_json(out, {"model_a": str(model_a), "model_b": str(model_b), **asdict(result)})
+    line = (
+        f"A - B: revenue {result.difference:+.4f} [{result.ci_low:+.4f}, {result.ci_high:+.4f}] "
+        f"per user ({result.estimator}, {1 - alpha:.0%}), one-sided p {result.p_value:.3g}; "
+        f"spend {result.cost_difference:+.4f}; policies agree on {result.agreement:.0%} of "
+        f"{result.n_users} users"
+    )
+    if result.true_difference is not None:
+        line += f"; true difference {result.true_difference:+.4f}"
+    typer.echo(line)
+    typer.echo(f"comparison written to {out}")
 
 
 @app.command()
@@ -186,14 +238,14 @@ def allocate(
         str, typer.Argument(help="Saved model folder, or models:/NAME@ALIAS from the registry.")
     ],
     users: Annotated[Path, typer.Argument(help="Parquet table with user_id and the features.")],
-    budget: Annotated[float, typer.Option(help="Mean predicted cost per user to spend.")],
+    budget: Annotated[float, typer.Option(help="Mean cost per user to spend.")],
     out: Annotated[Path, typer.Option(help="Parquet file of user_id, treatment.")],
     chunk_rows: Annotated[int, typer.Option(help="Rows read per chunk.")] = 1_000_000,
     params: Annotated[
         Path, typer.Option(help="Parameters file (promote: section locates the registry).")
     ] = Path("params.yaml"),
 ) -> None:
-    """Choose one treatment per user under the budget (exact MCKP on predicted outcomes)."""
+    """Choose one treatment per user under the budget (the model's deployed allocation)."""
     from bidfcl.scoring import allocate_file
 
     result = allocate_file(_local_model(model, params), users, budget, out, chunk_rows=chunk_rows)

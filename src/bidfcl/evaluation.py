@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from statistics import NormalDist
 from typing import ClassVar
 
@@ -34,6 +34,7 @@ import torch
 
 from bidfcl.allocation import lagrangian_choice
 from bidfcl.contract import COST, REVENUE, LoggedData, Truth
+from bidfcl.outcome_model import OutcomePredictions
 
 INTERVALS: tuple[str, ...] = ("clt", "bootstrap")
 # Upper bound on resample indices held at once by the bootstrap (chunks x users).
@@ -65,7 +66,7 @@ class PolicyValueEstimator(ABC):
     """
 
     name: ClassVar[str]
-    needs_predictions: ClassVar[bool] = False
+    needs_predictions: bool = False  # whether ``terms`` needs per-call predictions
 
     @abstractmethod
     def terms(
@@ -147,12 +148,18 @@ class SNIPW(PolicyValueEstimator):
 class DoublyRobust(PolicyValueEstimator):
     """Doubly robust: mean_i [q_i(pi_i) + 1[pi_i = t_i] (y_i - q_i(t_i)) / p_i].
 
-    ``predictions`` (N, M) is the model's own predicted outcome of every arm (the direct
-    method part); the IPW term corrects its error, so the estimate stays unbiased.
+    q (N, M) predicts the outcome of every arm (the direct-method part); the IPW term
+    corrects its error, so the estimate stays unbiased for any q not fitted on these users'
+    outcomes. q is ``direct`` when given (e.g. :func:`~bidfcl.outcome_model.crossfit_outcomes`,
+    a model independent of the policies judged), else the ``predictions`` passed per call
+    (the scored model's own).
     """
 
     name = "dr"
-    needs_predictions = True
+
+    def __init__(self, direct: OutcomePredictions | None = None) -> None:
+        self.direct = direct
+        self.needs_predictions = direct is None
 
     def terms(
         self,
@@ -161,6 +168,8 @@ class DoublyRobust(PolicyValueEstimator):
         outcome: str = REVENUE,
         predictions: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.direct is not None:
+            predictions = self.direct.of(outcome)
         if predictions is None:
             raise ValueError("the doubly robust estimator needs predictions of shape (N, M)")
         _check_predictions(data, predictions, "predictions")
@@ -179,14 +188,14 @@ ESTIMATORS: dict[str, type[PolicyValueEstimator]] = {
 }
 
 
-def make_estimator(name: str) -> PolicyValueEstimator:
-    """The estimator called ``name`` ("ipw", "snipw" or "dr")."""
-    try:
-        return ESTIMATORS[name]()
-    except KeyError:
-        raise ValueError(
-            f"unknown estimator {name!r}; expected one of {sorted(ESTIMATORS)}"
-        ) from None
+def make_estimator(name: str, direct: OutcomePredictions | None = None) -> PolicyValueEstimator:
+    """The estimator called ``name`` ("ipw", "snipw" or "dr"); ``direct`` is DR's outcome
+    model (ignored by the others)."""
+    if name not in ESTIMATORS:
+        raise ValueError(f"unknown estimator {name!r}; expected one of {sorted(ESTIMATORS)}")
+    if name == DoublyRobust.name:
+        return DoublyRobust(direct)
+    return ESTIMATORS[name]()
 
 
 # ----------------------------------------------------------------------------- one policy
@@ -225,6 +234,163 @@ def evaluate_policy(
     cost = est.estimate(data, policy, COST, cost_pred, **options)
     true_revenue, true_cost = _true_values(truth, policy)
     return PolicyEvaluation(revenue, cost, true_revenue, true_cost)
+
+
+# ----------------------------------------------------------------------------- two policies
+
+
+@dataclass(frozen=True)
+class PairedComparison:
+    """Policy A minus policy B, estimated on the same logged users.
+
+    Users on whom the two policies agree add the same term to both estimates (nothing, for
+    IPW), so the per-user differences vary far less than each estimate does, and the paired
+    interval is far narrower than two unpaired ones when the policies mostly agree. The
+    interval ``[ci_low, ci_high]`` is two-sided at level 1 - alpha; ``lower_bound`` is the
+    one-sided 1 - alpha lower bound and ``p_value`` the one-sided p-value of "A is no
+    better than B" (CLT for both, also under the bootstrap interval). The ``cost_*`` fields
+    are the same for spend. ``unpaired_std_error`` is what the difference's standard error
+    would be if the two estimates were independent (for comparison only).
+    """
+
+    estimator: str
+    interval: str
+    alpha: float
+    n_users: int
+    agreement: float  # share of users given the same arm by both policies
+    value_a: float
+    value_b: float
+    difference: float
+    std_error: float
+    ci_low: float
+    ci_high: float
+    lower_bound: float
+    p_value: float
+    unpaired_std_error: float
+    cost_difference: float
+    cost_std_error: float
+    cost_ci_low: float
+    cost_ci_high: float
+    true_difference: float | None
+    true_cost_difference: float | None
+
+
+def compare_policies(
+    data: LoggedData,
+    policy_a: torch.Tensor,
+    policy_b: torch.Tensor,
+    estimator: str | PolicyValueEstimator = "ipw",
+    direct: OutcomePredictions | None = None,
+    truth: Truth | None = None,
+    interval: str = "clt",
+    alpha: float = 0.05,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+) -> PairedComparison:
+    """Revenue and cost per user of ``policy_a`` minus ``policy_b`` on the same users.
+
+    ``direct`` is DR's outcome model; it must not come from either policy's model (use
+    :func:`~bidfcl.outcome_model.crossfit_outcomes` on ``data``), or the comparison would
+    favour the model that also predicts the outcomes.
+    """
+    est = make_estimator(estimator, direct) if isinstance(estimator, str) else estimator
+    if est.needs_predictions:
+        raise ValueError(
+            "a paired doubly robust comparison needs an outcome model independent of both "
+            "policies: pass direct=crossfit_outcomes(data)"
+        )
+    _check_policy(data, policy_a)
+    _check_policy(data, policy_b)
+    if not 0.0 < alpha < 0.5:
+        raise ValueError(f"alpha must lie in (0, 0.5), got {alpha}")
+    revenue = _paired(est, data, policy_a, policy_b, REVENUE, interval, alpha, n_bootstrap, seed)
+    cost = _paired(est, data, policy_a, policy_b, COST, interval, alpha, n_bootstrap, seed)
+    true_difference = true_cost_difference = None
+    if truth is not None:
+        true_a, true_b = _true_values(truth, policy_a), _true_values(truth, policy_b)
+        true_difference = true_a[0] - true_b[0]
+        true_cost_difference = true_a[1] - true_b[1]
+    return PairedComparison(
+        estimator=est.name,
+        interval=interval,
+        alpha=alpha,
+        n_users=len(data),
+        agreement=float((policy_a == policy_b).to(torch.float64).mean()),
+        **asdict(revenue),
+        cost_difference=cost.difference,
+        cost_std_error=cost.std_error,
+        cost_ci_low=cost.ci_low,
+        cost_ci_high=cost.ci_high,
+        true_difference=true_difference,
+        true_cost_difference=true_cost_difference,
+    )
+
+
+@dataclass(frozen=True)
+class _PairedOutcome:
+    """One outcome's part of a PairedComparison (its revenue fields carry these names)."""
+
+    value_a: float
+    value_b: float
+    difference: float
+    std_error: float
+    ci_low: float
+    ci_high: float
+    lower_bound: float
+    p_value: float
+    unpaired_std_error: float
+
+
+def _paired(
+    est: PolicyValueEstimator,
+    data: LoggedData,
+    policy_a: torch.Tensor,
+    policy_b: torch.Tensor,
+    outcome: str,
+    interval: str,
+    alpha: float,
+    n_bootstrap: int,
+    seed: int,
+) -> _PairedOutcome:
+    """One outcome's paired difference from the estimator's per-user ratio terms."""
+    if interval not in INTERVALS:
+        raise ValueError(f"unknown interval {interval!r}; expected one of {INTERVALS}")
+    numerator, denominator = est.terms(data, torch.stack([policy_a, policy_b]), outcome)
+    n = int(numerator.shape[-1])
+    if n < 2:
+        raise ValueError(f"need at least two logged users to compare policies, got {n}")
+    values = numerator.sum(-1) / denominator.sum(-1)
+    # Each ratio's influence terms (delta method); for IPW and DR simply numerator - value.
+    influence = (numerator - values[:, None] * denominator) / denominator.mean(-1, keepdim=True)
+    difference = float(values[0] - values[1])
+    std_error = float((influence[0] - influence[1]).std() / math.sqrt(n))
+    unpaired = float(influence.var(-1).sum().sqrt() / math.sqrt(n))
+    normal = NormalDist()
+    if std_error > 0:
+        p_value = 1.0 - normal.cdf(difference / std_error)
+    else:  # the policies agree on every user who could tell them apart
+        p_value = 0.0 if difference > 0 else 1.0
+    if interval == "clt":
+        z_two, z_one = normal.inv_cdf(1.0 - alpha / 2.0), normal.inv_cdf(1.0 - alpha)
+        low, high = difference - z_two * std_error, difference + z_two * std_error
+        lower_bound = difference - z_one * std_error
+    else:
+        ratios = _bootstrap_ratios(numerator, denominator, n_bootstrap, seed)
+        replicates = ratios[0] - ratios[1]
+        levels = torch.tensor([alpha / 2.0, 1.0 - alpha / 2.0, alpha], dtype=replicates.dtype)
+        low, high, lower_bound = (float(q) for q in torch.quantile(replicates, levels))
+        std_error = float(replicates.std())
+    return _PairedOutcome(
+        float(values[0]),
+        float(values[1]),
+        difference,
+        std_error,
+        low,
+        high,
+        lower_bound,
+        p_value,
+        unpaired,
+    )
 
 
 # ----------------------------------------------------------------------------- EOM
@@ -268,6 +434,21 @@ def expected_outcome_metric(
     est = _resolve(estimator, revenue_pred, cost_pred)
     search = _BudgetSearch(data, revenue_pred, cost_pred, est)
     return _eom_at(search, budget, truth, interval, alpha, n_bootstrap, seed)
+
+
+def budget_lambda(
+    data: LoggedData,
+    revenue_pred: torch.Tensor,
+    cost_pred: torch.Tensor,
+    budget: float,
+    estimator: str | PolicyValueEstimator = "ipw",
+) -> tuple[float, bool]:
+    """The smallest lambda whose Lagrangian policy's estimated cost on ``data`` meets the
+    budget, and whether any does (if none, the lambda of the cheapest arms)."""
+    est = _resolve(estimator, revenue_pred, cost_pred)
+    search = _BudgetSearch(data, revenue_pred, cost_pred, est)
+    index, budget_met = search.solve(budget)
+    return float(search.candidates[index]), budget_met
 
 
 def budget_value_curve(
@@ -517,10 +698,14 @@ def _ratio_estimate(
 def _bootstrap_ratios(
     numerator: torch.Tensor, denominator: torch.Tensor, n_bootstrap: int, seed: int
 ) -> torch.Tensor:
-    """Ratio estimates on ``n_bootstrap`` resamples of users (with replacement), in chunks."""
+    """Ratio estimates on ``n_bootstrap`` resamples of users (with replacement), in chunks.
+
+    Terms of shape (..., N) give (..., n_bootstrap): every leading row is resampled with the
+    same users, which is what a paired comparison needs.
+    """
     if n_bootstrap < 2:
         raise ValueError(f"n_bootstrap must be at least 2, got {n_bootstrap}")
-    n = int(numerator.shape[0])
+    n = int(numerator.shape[-1])
     device = numerator.device
     generator = torch.Generator(device=device).manual_seed(seed)
     chunk = max(1, _BOOTSTRAP_CHUNK_ELEMENTS // n)
@@ -528,8 +713,8 @@ def _bootstrap_ratios(
     for start in range(0, n_bootstrap, chunk):
         rows = min(chunk, n_bootstrap - start)
         index = torch.randint(0, n, (rows, n), generator=generator, device=device)
-        replicates.append(numerator[index].sum(1) / denominator[index].sum(1))
-    return torch.cat(replicates).cpu()
+        replicates.append(numerator[..., index].sum(-1) / denominator[..., index].sum(-1))
+    return torch.cat(replicates, dim=-1).cpu()
 
 
 def _true_values(truth: Truth | None, policy: torch.Tensor) -> tuple[float | None, float | None]:

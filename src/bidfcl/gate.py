@@ -1,22 +1,28 @@
 """The promotion gate: whether a challenger may replace the champion, and why. Pure: no MLflow.
 
-The promote stage gathers the challenger's metrics, the champion's metrics re-scored on the
-same held-out table, the baseline's and whether validation passed; :func:`decide` turns
-them into a :class:`GateDecision` whose reason is tagged on the model version.
+The promote stage scores the policy each model ships (its deployed allocation) on the same
+held-out RCT users: the challenger against the champion re-scored on that data, or against
+the baseline method for a first model. :func:`decide` promotes only on evidence that noise
+cannot fake: the one-sided lower confidence bound of the *paired* difference in revenue per
+user must clear the margin, and the upper confidence bound of the challenger's deployed
+spend must fit the budget. Its :class:`GateDecision` is tagged on the model version.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from statistics import NormalDist
 
 from bidfcl.allocation import STATUS_INFEASIBLE
+from bidfcl.evaluation import PairedComparison
 from bidfcl.scoring import Metrics
 
 
 @dataclass(frozen=True)
 class PromoteParams:
-    """``promote:`` — registry name and the gate's margin, cost tolerance and first baseline.
+    """``promote:`` — registry name, the gate's margin, confidence level, spend tolerance
+    and the baseline a first model must beat.
 
     ``tracking_uri`` is relative to the project root; ``MLFLOW_TRACKING_URI`` overrides it.
     """
@@ -25,22 +31,41 @@ class PromoteParams:
     experiment: str = "bidfcl"
     tracking_uri: str = "sqlite:///mlflow.db"
     margin: float = 0.0
-    cost_tolerance: float = 0.01
+    alpha: float = 0.05
+    cost_tolerance: float = 0.10
     baseline: str = "tsm-rct"
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.alpha < 0.5:
+            raise ValueError(f"promote.alpha must lie in (0, 0.5), got {self.alpha}")
+        if self.cost_tolerance < 0:
+            raise ValueError(f"promote.cost_tolerance must be >= 0, got {self.cost_tolerance}")
 
 
 @dataclass(frozen=True)
 class GateDecision:
-    """What the gate decided for one challenger, and why (tagged on the model version)."""
+    """What the gate decided for one challenger, and the evidence (tagged on the version).
+
+    ``difference`` is challenger minus reference in deployed revenue per user, with its
+    two-sided 1 - alpha interval and one-sided ``lower_bound``; ``spend_upper_bound`` is the
+    one-sided 1 - alpha upper bound of the challenger's deployed spend per user.
+    """
 
     promoted: bool
     reason: str
-    challenger_eom: float
-    challenger_eom_ci_low: float
-    challenger_cost: float
-    budget: float
     reference: str
-    reference_eom: float | None
+    estimator: str
+    alpha: float
+    difference: float | None
+    difference_ci_low: float | None
+    difference_ci_high: float | None
+    lower_bound: float | None
+    p_value: float | None
+    agreement: float | None
+    true_difference: float | None
+    spend: float
+    spend_upper_bound: float
+    budget: float
     validation_passed: bool
 
     def tags(self) -> dict[str, str]:
@@ -50,79 +75,99 @@ class GateDecision:
         }
 
 
+def spend_upper_bound(challenger: Metrics, alpha: float) -> float:
+    """One-sided 1 - alpha upper bound of the deployed allocation's estimated spend."""
+    if challenger.deployed_cost is None or challenger.deployed_cost_std_error is None:
+        return math.inf
+    z = NormalDist().inv_cdf(1.0 - alpha)
+    return challenger.deployed_cost + z * challenger.deployed_cost_std_error
+
+
 def decide(
     challenger: Metrics,
+    comparison: PairedComparison | None,
+    reference: str,
     validation_passed: bool,
     config: PromoteParams,
-    champion_eom: float | None,
-    baseline_eom: float | None,
 ) -> GateDecision:
     """The promotion rule.
 
-    With a champion: promote only if validation passed, the challenger's EOM lower confidence
-    bound exceeds the champion's EOM (re-scored on the same data) plus ``margin``, and its
-    estimated cost stays within the budget (times 1 + ``cost_tolerance``). Without one, the
-    challenger's EOM must exceed the ``baseline`` method's EOM plus ``margin`` (or the
-    challenger is that baseline). Either way a challenger whose *predicted* costs put even
-    each user's cheapest arm over the budget is rejected: the EOM scores its Lagrangian
-    policy at an RCT-estimated lambda, but ``bidfcl allocate`` would ship all-control.
+    Promote only if validation passed, the challenger's deployed allocation is not
+    all-control for want of budget, the upper bound of its deployed spend is within
+    budget * (1 + ``cost_tolerance``), and the lower bound of the paired difference
+    (challenger - ``reference``, computed at ``config.alpha``) exceeds ``margin``.
+    ``comparison`` is None only when there is nothing to compare with: a first model
+    that is the baseline method itself is then promoted on the other checks alone.
     """
-    eom, low = _number(challenger.eom), _number(challenger.eom_ci_low)
-    cost, budget = _number(challenger.mean_cost), float(challenger.budget)
-    if champion_eom is not None:
-        reference, reference_eom = "champion", float(champion_eom)
-    else:
-        reference = f"baseline {config.baseline}"
-        reference_eom = None if baseline_eom is None else float(baseline_eom)
+    budget = float(challenger.budget)
+    spend = math.nan if challenger.deployed_cost is None else challenger.deployed_cost
+    upper = spend_upper_bound(challenger, config.alpha)
+    paired = {
+        "difference": None,
+        "difference_ci_low": None,
+        "difference_ci_high": None,
+        "lower_bound": None,
+        "p_value": None,
+        "agreement": None,
+        "true_difference": None,
+    }
+    estimator = challenger.estimator
+    if comparison is not None:
+        estimator = comparison.estimator
+        paired = {
+            "difference": comparison.difference,
+            "difference_ci_low": comparison.ci_low,
+            "difference_ci_high": comparison.ci_high,
+            "lower_bound": comparison.lower_bound,
+            "p_value": comparison.p_value,
+            "agreement": comparison.agreement,
+            "true_difference": comparison.true_difference,
+        }
 
     def result(promoted: bool, reason: str) -> GateDecision:
         return GateDecision(
-            promoted, reason, eom, low, cost, budget, reference, reference_eom, validation_passed
+            promoted=promoted,
+            reason=reason,
+            reference=reference,
+            estimator=estimator,
+            alpha=config.alpha,
+            spend=spend,
+            spend_upper_bound=upper,
+            budget=budget,
+            validation_passed=validation_passed,
+            **paired,
         )
 
     if not validation_passed:
         return result(False, "validation of the training data did not pass")
-    if not math.isfinite(cost) or cost > budget * (1 + config.cost_tolerance):
-        return result(
-            False,
-            f"estimated cost {cost:.4f} exceeds the budget {budget:.4f} "
-            f"(tolerance {config.cost_tolerance:.2%})",
-        )
     if challenger.deployed_status == STATUS_INFEASIBLE:
         return result(
             False,
-            "the model predicts that even each user's cheapest arm costs more than the budget "
-            f"{budget:.4f}, so its deployed allocation would be all-control",
+            "even each user's cheapest arm is estimated to cost more than the budget "
+            f"{budget:.4f}, so the deployed allocation would be all-control",
         )
-    if champion_eom is not None:
-        if low > reference_eom + config.margin:
-            return result(
-                True,
-                f"EOM lower bound {low:.4f} > champion EOM {reference_eom:.4f} "
-                f"+ margin {config.margin:.4f}",
-            )
+    limit = budget * (1 + config.cost_tolerance)
+    if not upper <= limit:
         return result(
             False,
-            f"no better challenger: EOM lower bound {low:.4f} <= champion EOM "
-            f"{reference_eom:.4f} + margin {config.margin:.4f}",
+            f"deployed spend upper bound {upper:.4f} exceeds the budget {budget:.4f} "
+            f"+ {config.cost_tolerance:.0%} tolerance",
         )
-    if challenger.method == config.baseline:
-        return result(True, f"first model, and it is the baseline {config.baseline} itself")
-    if reference_eom is None:
-        return result(False, f"first model, but no metrics for baseline {config.baseline}")
-    if eom > reference_eom + config.margin:
+    if comparison is None:
+        if challenger.method == config.baseline:
+            return result(True, f"first model, and it is the baseline {config.baseline} itself")
+        return result(False, f"nothing to compare with: no model of baseline {config.baseline}")
+    level = f"{1 - config.alpha:.0%}"
+    if comparison.lower_bound > config.margin:
         return result(
             True,
-            f"first model: EOM {eom:.4f} > {config.baseline} EOM {reference_eom:.4f} "
-            f"+ margin {config.margin:.4f}",
+            f"paired {level} lower bound {comparison.lower_bound:+.4f} of the gain over "
+            f"{reference} > margin {config.margin:.4f} ({comparison.estimator}, difference "
+            f"{comparison.difference:+.4f}, agreement {comparison.agreement:.0%})",
         )
     return result(
         False,
-        f"first model does not beat {config.baseline}: EOM {eom:.4f} <= {reference_eom:.4f} "
-        f"+ margin {config.margin:.4f}",
+        f"no proven gain over {reference}: paired {level} lower bound "
+        f"{comparison.lower_bound:+.4f} <= margin {config.margin:.4f} ({comparison.estimator}, "
+        f"difference {comparison.difference:+.4f}, agreement {comparison.agreement:.0%})",
     )
-
-
-def _number(value: float | None) -> float:
-    """A metric as a float; null in metrics.json (a non-finite estimate) becomes NaN."""
-    return math.nan if value is None else float(value)

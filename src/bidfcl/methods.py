@@ -46,6 +46,7 @@ from bidfcl.decision import (
     pifd_decision,
     ppl_decision,
 )
+from bidfcl.deployment import DEPLOYMENT_KEY, calibrate
 from bidfcl.learner import UpliftLearner, fit_learner, scoped_torch_settings
 from bidfcl.model import UpliftModel
 from bidfcl.propensity import ips_weights
@@ -170,9 +171,11 @@ def train_model(
 
     Training starts from ``warm_start`` when one is given (it is copied, not modified);
     otherwise a method with a warm-start or Teacher method first trains that method for
-    ``warm_start_epochs``. The returned model is on the CPU; its metadata records the
-    method, seed, budget, best epoch, per-epoch validation history, the warm start (the
-    Teacher of a bi-level method is under ``teacher``) and the dataset's metadata.
+    ``warm_start_epochs``. With ``calibrate_spend`` the model then gets the lambda it ships
+    with (:mod:`bidfcl.deployment`). The returned model is on the CPU; its metadata records
+    the method, seed, budget, best epoch, per-epoch validation history, the warm start (the
+    Teacher of a bi-level method is under ``teacher``), the calibration and the dataset's
+    metadata.
     """
     spec = method_spec(config.method)
     budget = dataset.meta.budget_or_default(config.budget)
@@ -184,6 +187,9 @@ def train_model(
             first_spec = method_spec(first)
             start_from = first_spec.fit(first_spec, dataset, first_config, budget, None, progress)
         model = spec.fit(spec, dataset, config, budget, start_from, progress)
+        if config.calibrate_spend:
+            calibration = calibrate(model, dataset.logged(RCT_VAL), budget, seed=config.seed)
+            model.metadata[DEPLOYMENT_KEY] = calibration.to_dict()
     fine_tuned_from = warm_start if spec.warm_start is None else start_from
     model.metadata["warm_start"] = _summary(fine_tuned_from)
     return model

@@ -63,11 +63,13 @@ class TrainParams:
 @dataclass(frozen=True)
 class EvaluateParams:
     """``evaluate:`` — the budget (mean cost per user; None = dataset default), the
-    estimator and the held-out table every model (and the champion) is scored on."""
+    estimator, the held-out table every model (and the champion) is scored on, and the
+    method every model's deployed allocation is compared with, paired on the same users."""
 
     budget: float | None = None
-    estimator: str = "ipw"
+    estimator: str = "dr"
     table: str = RCT_TEST
+    reference: str = "tsm-rct"
 
 
 @dataclass(frozen=True)

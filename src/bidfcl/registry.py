@@ -33,6 +33,7 @@ CHAMPION = "champion"
 MODEL_ARTIFACT = "model"
 UPLIFT_ARTIFACT = "uplift_model"
 TRACKING_ENV = "MLFLOW_TRACKING_URI"
+HOLDOUT_TAG = "holdout"  # the md5 of the held-out table a gate decision was taken on
 PINNED_PACKAGES = ("torch", "numpy", "pandas", "pyarrow", "mlflow")
 
 
@@ -181,13 +182,25 @@ def champion_version(root: Path, config: PromoteParams) -> str | None:
         return alias_version(config, CHAMPION)
 
 
-def record_decision(config: PromoteParams, version: str, decision: GateDecision) -> None:
-    """Tag the version with the decision and its reason; move ``champion`` if promoted."""
+def record_decision(
+    config: PromoteParams,
+    version: str,
+    decision: GateDecision,
+    extra_tags: dict[str, str] | None = None,
+) -> None:
+    """Tag the version with the decision, its evidence and ``extra_tags``; move
+    ``champion`` if promoted."""
     client = MlflowClient()
-    for key, value in decision.tags().items():
+    for key, value in {**decision.tags(), **(extra_tags or {})}.items():
         client.set_model_version_tag(config.model_name, version, key, value)
     if decision.promoted:
         client.set_registered_model_alias(config.model_name, CHAMPION, version)
+
+
+def holdout_decisions(config: PromoteParams, holdout: str) -> int:
+    """How many gate decisions the registry records on the held-out table ``holdout``."""
+    versions = MlflowClient().search_model_versions(f"name='{config.model_name}'")
+    return sum(v.tags.get(HOLDOUT_TAG) == holdout and "decision" in v.tags for v in versions)
 
 
 def resolve_model_uri(ref: str, dest: Path | None = None) -> Path:

@@ -23,17 +23,33 @@ import pyarrow.parquet as pq
 import torch
 
 from bidfcl.allocation import AllocationResult, solve_mckp
-from bidfcl.contract import RCT_TEST, TREATMENT, USER_ID, DataContractError, Dataset, load_dataset
+from bidfcl.contract import (
+    RCT_TEST,
+    TREATMENT,
+    USER_ID,
+    DataContractError,
+    Dataset,
+    LoggedData,
+    load_dataset,
+)
+from bidfcl.deployment import deploy
 from bidfcl.evaluation import (
+    DoublyRobust,
+    PairedComparison,
+    PolicyValueEstimator,
     aucc,
     auuc,
     budget_value_curve,
+    compare_policies,
     curve_area,
+    evaluate_policy,
     expected_outcome_metric,
+    make_estimator,
     qini_coefficient,
 )
 from bidfcl.io import atomic_write, json_ready, write_json
 from bidfcl.model import UpliftModel, check_feature_columns
+from bidfcl.outcome_model import crossfit_outcomes
 
 CURVE_BUDGET_SCALES = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)
 """Budget-value curve grid, as multiples of the evaluated budget (area = mean height)."""
@@ -44,10 +60,13 @@ class Metrics:
     """One model scored on one RCT table: the contents of ``metrics.json``.
 
     Two policies are scored: the EOM policy (lambda set so that its *estimated* cost on this
-    RCT sample meets the budget, the paper's procedure) and the deployed allocation (exact
-    MCKP on the model's *predicted* costs, what ``bidfcl allocate`` ships). A non-finite
-    number is None (``null`` in JSON). The fields after ``deployed_predicted_cost`` exist
-    only where they apply, and ``to_json`` leaves out those that do not.
+    RCT sample meets the budget, the paper's procedure, so its cost meets the budget by
+    construction) and the deployed allocation (what ``bidfcl allocate`` ships: the model's
+    calibrated lambda, or the exact MCKP on its predicted costs; see
+    :mod:`bidfcl.deployment`), whose revenue and spend are estimated with intervals. With the
+    ``dr`` estimator the direct model is cross-fitted on the scored table. A non-finite
+    number is None (``null`` in JSON). The fields from ``true_value`` on exist only where
+    they apply, and ``to_json`` leaves out those that do not.
     """
 
     table: str
@@ -66,6 +85,14 @@ class Metrics:
     deployed_lam: float | None
     deployed_status: str
     deployed_predicted_cost: float | None
+    deployed_value: float | None
+    deployed_value_ci_low: float | None
+    deployed_value_ci_high: float | None
+    deployed_value_std_error: float | None
+    deployed_cost: float | None
+    deployed_cost_ci_low: float | None
+    deployed_cost_ci_high: float | None
+    deployed_cost_std_error: float | None
     # with ground truth (simulated data): true values of the EOM policy, the deployed
     # allocation and the truth-optimal allocation
     true_value: float | None = None
@@ -80,6 +107,15 @@ class Metrics:
     auuc: float | None = None
     budget_curve_area: float | None = None
     true_budget_curve_area: float | None = None
+    # the deployed allocation against the reference method's on the same users
+    # (PairedComparison, revenue per user; set by the evaluate stage)
+    reference: str | None = None
+    paired_difference: float | None = None
+    paired_ci_low: float | None = None
+    paired_ci_high: float | None = None
+    paired_p_value: float | None = None
+    paired_agreement: float | None = None
+    paired_true_difference: float | None = None
     method: str | None = None
 
     FIRST_OPTIONAL: ClassVar[str] = "true_value"
@@ -90,6 +126,20 @@ class Metrics:
         optional = set(names[names.index(self.FIRST_OPTIONAL) :])
         values = asdict(self)
         return json_ready({k: v for k, v in values.items() if k not in optional or v is not None})
+
+    def with_comparison(self, reference: str, paired: PairedComparison) -> Metrics:
+        """These metrics with the paired comparison of the deployed allocation against
+        ``reference``'s (revenue per user)."""
+        return replace(
+            self,
+            reference=reference,
+            paired_difference=paired.difference,
+            paired_ci_low=paired.ci_low,
+            paired_ci_high=paired.ci_high,
+            paired_p_value=paired.p_value,
+            paired_agreement=paired.agreement,
+            paired_true_difference=paired.true_difference,
+        )
 
     @classmethod
     def from_json(cls, raw: dict[str, Any], origin: str = "metrics.json") -> Metrics:
@@ -116,8 +166,10 @@ def model_metrics(
     data = dataset.logged(table, device=model.device)
     truth = dataset.truth_for(table, device=model.device)
     revenue_pred, cost_pred = model.predict(data.x)
-    eom = expected_outcome_metric(data, revenue_pred, cost_pred, budget, estimator, truth)
-    deployed = solve_mckp(revenue_pred, cost_pred, budget)
+    estimate = estimator_for(estimator, data)
+    eom = expected_outcome_metric(data, revenue_pred, cost_pred, budget, estimate, truth)
+    deployed = deploy(model, revenue_pred, cost_pred, budget)
+    shipped = evaluate_policy(data, deployed.treatment, estimate, revenue_pred, cost_pred)
     metrics: dict[str, Any] = {
         "table": table,
         "estimator": estimator,
@@ -135,6 +187,14 @@ def model_metrics(
         "deployed_lam": deployed.lam,
         "deployed_status": deployed.status,
         "deployed_predicted_cost": deployed.mean_cost,
+        "deployed_value": shipped.revenue.value,
+        "deployed_value_ci_low": shipped.revenue.ci_low,
+        "deployed_value_ci_high": shipped.revenue.ci_high,
+        "deployed_value_std_error": shipped.revenue.std_error,
+        "deployed_cost": shipped.cost.value,
+        "deployed_cost_ci_low": shipped.cost.ci_low,
+        "deployed_cost_ci_high": shipped.cost.ci_high,
+        "deployed_cost_std_error": shipped.cost.std_error,
     }
     if truth is not None:
         deployed_value, deployed_cost = truth.policy_value(deployed.treatment)
@@ -154,11 +214,64 @@ def model_metrics(
         metrics["auuc"] = auuc(data, revenue_uplift)
     else:
         budgets = [budget * scale for scale in CURVE_BUDGET_SCALES]
-        curve = budget_value_curve(data, revenue_pred, cost_pred, budgets, estimator, truth)
+        curve = budget_value_curve(data, revenue_pred, cost_pred, budgets, estimate, truth)
         metrics["budget_curve_area"] = curve_area(curve)
         if truth is not None:
             metrics["true_budget_curve_area"] = curve_area(curve, value="true_revenue")
     return Metrics(**json_ready(metrics)), curve
+
+
+def estimator_for(name: str, data: LoggedData) -> PolicyValueEstimator:
+    """The estimator ``name`` for scoring on ``data``; DR's direct model is cross-fitted on
+    ``data`` itself, so it belongs to none of the models scored or compared."""
+    direct = crossfit_outcomes(data) if name == DoublyRobust.name else None
+    return make_estimator(name, direct)
+
+
+def compare_models(
+    model_a: UpliftModel,
+    model_b: UpliftModel,
+    dataset: Dataset,
+    budget: float,
+    table: str = RCT_TEST,
+    estimator: str = "dr",
+    alpha: float = 0.05,
+    interval: str = "clt",
+) -> PairedComparison:
+    """The deployed allocation of ``model_a`` minus that of ``model_b``, estimated on the same
+    users of ``table`` (revenue and spend per user; the truth too on simulated data)."""
+    for model in (model_a, model_b):
+        check_feature_columns(model.feature_columns, dataset.meta.feature_columns)
+    data = dataset.logged(table)
+    policies = [deploy(m, *m.predict(data.x), budget).treatment.cpu() for m in (model_a, model_b)]
+    return compare_policies(
+        data,
+        *policies,
+        estimator=estimator_for(estimator, data),
+        truth=dataset.truth_for(table),
+        interval=interval,
+        alpha=alpha,
+    )
+
+
+def compare_saved_models(
+    model_a: Path | str,
+    model_b: Path | str,
+    data_dir: Path | str,
+    budget: float | None = None,
+    table: str = RCT_TEST,
+    estimator: str = "dr",
+    alpha: float = 0.05,
+    interval: str = "clt",
+) -> PairedComparison:
+    """:func:`compare_models` for two saved model folders and a dataset folder (budget None:
+    the dataset's default)."""
+    dataset = load_dataset(data_dir, tables=(table,))
+    features = dataset.meta.feature_columns
+    models = [UpliftModel.load(m, expected_features=features) for m in (model_a, model_b)]
+    return compare_models(
+        *models, dataset, dataset.meta.budget_or_default(budget), table, estimator, alpha, interval
+    )
 
 
 def score_saved_model(
@@ -202,11 +315,12 @@ def allocate_file(
     out: Path | str,
     chunk_rows: int = 1_000_000,
 ) -> AllocationResult:
-    """Allocate ``budget`` (mean predicted cost per user) over every user of a parquet table.
+    """Allocate ``budget`` (mean cost per user) over every user of a parquet table.
 
     Features are read ``chunk_rows`` at a time, so only the (N, M) predictions of the whole
-    table are held in memory (about 40 bytes per user for M = 5); the exact MCKP solver then
-    picks one arm per user and the result is written atomically as ``user_id, treatment``.
+    table are held in memory (about 40 bytes per user for M = 5); the model's deployed
+    allocation (its calibrated lambda for this budget, else the exact MCKP on predicted
+    costs) then picks one arm per user, written atomically as ``user_id, treatment``.
     """
     model = UpliftModel.load(model_dir)
     source = pq.ParquetFile(users)
@@ -230,7 +344,7 @@ def allocate_file(
         cost.append(cst)
     if not user_ids:
         raise DataContractError(f"{users}: the table has no rows (rule: non-empty table)")
-    result = solve_mckp(torch.cat(revenue), torch.cat(cost), float(budget))
+    result = deploy(model, torch.cat(revenue), torch.cat(cost), float(budget))
     ids = np.concatenate(user_ids)
     arms = result.treatment.cpu().numpy()
 

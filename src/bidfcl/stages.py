@@ -21,20 +21,21 @@ Data layout and versioning (see ``dvc.yaml`` and ``data.dvc``):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import chdir, contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from bidfcl.gate import PromoteParams, decide
-from bidfcl.io import replace_dir, write_json
+from bidfcl.io import atomic_write, replace_dir, write_json
 from bidfcl.params import (
     SIMULATE,
     EvaluateParams,
@@ -42,7 +43,7 @@ from bidfcl.params import (
     TrainParams,
     ValidateParams,
 )
-from bidfcl.scoring import Metrics
+from bidfcl.scoring import Metrics, compare_models
 
 LANDING_DIR = Path("data/landing")
 RAW_DIR = Path("data/raw")
@@ -135,35 +136,64 @@ def read_manifest(root: Path) -> dict[str, Any]:
 
 
 def evaluate(root: Path, config: EvaluateParams) -> dict[str, Metrics]:
-    """Score every trained model on held-out RCT: metrics JSON and budget-value curve CSV."""
-    from bidfcl.scoring import evaluate_model
+    """Score every trained model on held-out RCT: metrics JSON and budget-value curve CSV.
+
+    Each model's deployed allocation is also compared, paired on the same users, with the
+    ``reference`` method's when that method was trained (the ``paired_*`` metrics).
+    """
+    from bidfcl.contract import load_dataset
+    from bidfcl.model import UpliftModel
+    from bidfcl.scoring import model_metrics
 
     methods = read_manifest(root)["methods"]
+    dataset = load_dataset(root / RAW_DIR, tables=(config.table,))
+    budget = dataset.meta.budget_or_default(config.budget)
+    features = dataset.meta.feature_columns
+    models = {
+        m: UpliftModel.load(root / MODELS_DIR / m, expected_features=features) for m in methods
+    }
     results: dict[str, Metrics] = {}
+    curves = {}
+    for method, model in models.items():
+        metrics, curves[method] = model_metrics(
+            model, dataset, budget, config.table, config.estimator
+        )
+        results[method] = replace(metrics, method=model.metadata.get("method"))
+        if config.reference in models:
+            paired = compare_models(
+                model, models[config.reference], dataset, budget, config.table, config.estimator
+            )
+            results[method] = results[method].with_comparison(config.reference, paired)
 
     def build_metrics(metrics_tmp: Path) -> None:
-        def build_curves(curves_tmp: Path) -> None:
-            for method in methods:
-                results[method] = evaluate_model(
-                    root / MODELS_DIR / method,
-                    root / RAW_DIR,
-                    metrics_tmp / f"{method}.json",
-                    config.budget,
-                    table=config.table,
-                    estimator=config.estimator,
-                    curve_out=curves_tmp / f"{method}.csv",
+        for method, metrics in results.items():
+            write_json(metrics_tmp / f"{method}.json", metrics.to_json())
+
+    def build_curves(curves_tmp: Path) -> None:
+        for method, curve in curves.items():
+            if curve is not None:
+                atomic_write(
+                    curves_tmp / f"{method}.csv", lambda tmp, c=curve: c.to_csv(tmp, index=False)
                 )
 
-        replace_dir(root / CURVES_DIR, build_curves)
-
+    replace_dir(root / CURVES_DIR, build_curves)
     replace_dir(root / METRICS_DIR, build_metrics)
     return results
 
 
 def promote(root: Path, config: PromoteParams) -> dict[str, Any]:
     """Log every trained method to MLflow, register the candidate as ``challenger`` and apply
-    the gate; write ``results/promotion.json`` with the decision."""
+    the gate; write ``results/promotion.json`` with the decision.
+
+    The gate compares the candidate's deployed allocation with the champion's (re-scored on
+    the same held-out table, budget and estimator) or, with no champion yet, with the
+    ``baseline`` method's, paired on the same users (:func:`bidfcl.scoring.compare_models`).
+    Every decision is counted against the held-out table it was taken on, because a test
+    set reused night after night slowly turns into a training set for the gate.
+    """
     from bidfcl import registry
+    from bidfcl.contract import load_dataset, table_file
+    from bidfcl.model import UpliftModel
 
     manifest = read_manifest(root)
     metrics = {
@@ -175,7 +205,11 @@ def promote(root: Path, config: PromoteParams) -> dict[str, Any]:
         json.loads(report_path.read_text()).get("passed")
     )
     candidate = manifest["candidate"]
-    with registry.tracking(root, config):
+    challenger = metrics[candidate]
+    dataset = load_dataset(root / RAW_DIR, tables=(challenger.table,))
+    holdout = _file_digest(root / RAW_DIR / table_file(challenger.table))
+    challenger_model = UpliftModel.load(root / MODELS_DIR / candidate)
+    with registry.tracking(root, config), tempfile.TemporaryDirectory() as tmp:
         runs = {
             method: registry.log_training_run(
                 root / MODELS_DIR / method,
@@ -185,24 +219,43 @@ def promote(root: Path, config: PromoteParams) -> dict[str, Any]:
             for method in manifest["methods"]
         }
         version_number = registry.register_challenger(runs[candidate]["model_uri"], config)
-        champion_eom = _rescore_champion(
-            config, root / RAW_DIR, metrics[candidate], exclude_version=version_number
-        )
-        baseline = metrics.get(config.baseline)
-        decision = decide(
-            metrics[candidate],
-            validation_passed,
+        champion = registry.alias_version(config, registry.CHAMPION)
+        reference, reference_dir = None, None
+        if champion is not None and champion != version_number:
+            reference = f"champion v{champion}"
+            uri = f"models:/{config.model_name}/{champion}"
+            reference_dir = registry.resolve_model_uri(uri, Path(tmp))
+        elif champion is None and candidate != config.baseline and config.baseline in metrics:
+            reference, reference_dir = (
+                f"baseline {config.baseline}",
+                root / MODELS_DIR / config.baseline,
+            )
+        comparison = None
+        if reference_dir is not None:
+            comparison = compare_models(
+                challenger_model,
+                UpliftModel.load(reference_dir, expected_features=dataset.meta.feature_columns),
+                dataset,
+                challenger.budget,
+                challenger.table,
+                challenger.estimator,
+                config.alpha,
+            )
+        decision = decide(challenger, comparison, reference or "nothing", validation_passed, config)
+        holdout_uses = registry.holdout_decisions(config, holdout) + 1
+        registry.record_decision(
             config,
-            champion_eom,
-            None if baseline is None else baseline.eom,
+            version_number,
+            decision,
+            {registry.HOLDOUT_TAG: holdout, "holdout_uses": str(holdout_uses)},
         )
-        registry.record_decision(config, version_number, decision)
     summary = {
         "model_name": config.model_name,
         "version": version_number,
         "method": candidate,
         "decision": "promoted" if decision.promoted else "rejected",
         **{k: v for k, v in asdict(decision).items() if k != "promoted"},
+        "holdout": {"table": challenger.table, "md5": holdout, "decisions": holdout_uses},
         "champion_version": registry.champion_version(root, config),
         # as configured (relative to the project root), so the committed file is portable
         "tracking_uri": os.environ.get(registry.TRACKING_ENV) or config.tracking_uri,
@@ -212,24 +265,13 @@ def promote(root: Path, config: PromoteParams) -> dict[str, Any]:
     return summary
 
 
-def _rescore_champion(
-    config: PromoteParams, data_dir: Path, challenger: Metrics, exclude_version: str
-) -> float | None:
-    """The current champion's EOM on the challenger's held-out table, budget and estimator;
-    None when there is no champion (or it is the challenger itself). Runs inside
-    :func:`bidfcl.registry.tracking`."""
-    from bidfcl import registry
-    from bidfcl.scoring import score_saved_model
-
-    version = registry.alias_version(config, registry.CHAMPION)
-    if version is None or version == exclude_version:
-        return None
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = registry.resolve_model_uri(f"models:/{config.model_name}/{version}", Path(tmp))
-        metrics, _ = score_saved_model(
-            folder, data_dir, challenger.budget, challenger.table, challenger.estimator
-        )
-    return metrics.eom
+def _file_digest(path: Path) -> str:
+    """MD5 of a file's bytes (DVC's hash of the same file), naming a held-out table."""
+    digest = hashlib.md5()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------- DVC bookkeeping
@@ -252,27 +294,64 @@ def record_stage(root: Path, stage: str) -> None:
         repo.commit(stage, force=True)
 
 
+SUMMARY_KEYS = (
+    "estimator",
+    "budget",
+    "deployed_value",
+    "deployed_value_ci_low",
+    "deployed_value_ci_high",
+    "deployed_cost",
+    "deployed_cost_ci_high",
+    "deployed_true_value",
+    "deployed_true_cost",
+    "reference",
+    "paired_difference",
+    "paired_ci_low",
+    "paired_ci_high",
+    "paired_true_difference",
+    "eom",
+)
+
+
 def summary_rows(metrics: Mapping[str, Metrics]) -> list[dict[str, Any]]:
-    """One row per method: EOM with its interval, cost, budget and (if known) true values."""
-    keys = ("eom", "eom_ci_low", "eom_ci_high", "mean_cost", "budget", "true_value", "true_cost")
+    """One row per method: the deployed allocation's estimated revenue and spend with their
+    intervals, its paired difference from the reference method, and (if known) the truth."""
     return [
-        {"method": method, **{key: getattr(values, key) for key in keys}}
+        {"method": method, **{key: getattr(values, key) for key in SUMMARY_KEYS}}
         for method, values in metrics.items()
     ]
 
 
 def render_table(rows: list[dict[str, Any]]) -> str:
     """A fixed-width text table of :func:`summary_rows` for the terminal."""
-    head = f"{'method':<12} {'EOM':>8} {'95% interval':>19} {'cost':>8} {'budget':>8} {'true':>8}"
-    lines = [head, "-" * len(head)]
+    if not rows:
+        return "no models were evaluated"
+    reference = next((r["reference"] for r in rows if r["reference"]), None)
+    versus = f"vs {reference}" if reference else "vs reference"
+    head = (
+        f"{'method':<12} {'revenue':>8} {'95% interval':>18} {'spend':>7} {'≤ (95%)':>7} "
+        f"{'true':>8} {'t.spend':>7} │ {versus:>11} {'paired 95% interval':>20} {'true':>8}"
+    )
+    lines = [head, "─" * len(head)]
     for row in rows:
-        interval = f"[{_num(row['eom_ci_low'])}, {_num(row['eom_ci_high'])}]"
-        lines.append(
-            f"{row['method']:<12} {_num(row['eom']):>8} {interval:>19} {_num(row['mean_cost']):>8}"
-            f" {_num(row['budget']):>8} {_num(row['true_value']):>8}"
+        interval = (
+            f"[{_num(row['deployed_value_ci_low'], 2)}, {_num(row['deployed_value_ci_high'], 2)}]"
         )
+        paired = f"[{_num(row['paired_ci_low'], 3, '+')}, {_num(row['paired_ci_high'], 3, '+')}]"
+        lines.append(
+            f"{row['method']:<12} {_num(row['deployed_value']):>8} {interval:>18} "
+            f"{_num(row['deployed_cost'], 3):>7} {_num(row['deployed_cost_ci_high'], 3):>7} "
+            f"{_num(row['deployed_true_value']):>8} {_num(row['deployed_true_cost'], 3):>7} │ "
+            f"{_num(row['paired_difference'], 4, '+'):>11} {paired:>20} "
+            f"{_num(row['paired_true_difference'], 4, '+'):>8}"
+        )
+    first = rows[0]
+    lines.append(
+        f"Deployed allocations at budget {_num(first['budget'])} per user, estimated on held-out "
+        f"RCT ({first['estimator']}); 'true' columns from the simulator's ground truth."
+    )
     return "\n".join(lines)
 
 
-def _num(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4f}"
+def _num(value: float | None, digits: int = 4, sign: str = "") -> str:
+    return "-" if value is None else f"{value:{sign}.{digits}f}"

@@ -66,6 +66,7 @@ class TrainConfig:
     hypergradient: str = "implicit"
     curvature: str = "gauss_newton"
     curvature_fraction: float = 0.5
+    calibrate_spend: bool = True
     accelerator: str = "auto"
     deterministic: bool = True
     num_workers: int = 0
