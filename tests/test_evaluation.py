@@ -350,3 +350,8 @@ def test_a_paired_dr_comparison_needs_an_independent_outcome_model() -> None:
     bootstrap = E.compare_policies(data, policy_a, policy_b, "ipw", interval="bootstrap")
     assert bootstrap.ci_low < bootstrap.difference < bootstrap.ci_high
     assert bootstrap.ci_low <= bootstrap.lower_bound
+    # SNIPW is a ratio per policy: its paired difference is the difference of the ratios
+    snipw = E.compare_policies(data, policy_a, policy_b, "snipw")
+    expected = E.SNIPW().point(data, policy_a) - E.SNIPW().point(data, policy_b)
+    assert snipw.difference == pytest.approx(float(expected))
+    assert snipw.ci_low < snipw.difference < snipw.ci_high

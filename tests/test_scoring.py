@@ -89,7 +89,8 @@ def test_cli_evaluate_and_allocate(
         app, ["evaluate", str(model_dir), str(small_dataset_dir), "--out", str(out)]
     )
     assert result.exit_code == 0, result.output
-    assert "EOM" in result.output and "true value" in result.output
+    assert "EOM" in result.output and "deployed allocation (calibrated)" in result.output
+    assert "; true " in result.output
     assert json.loads(out.read_text())["eom"] > 0
 
     users = tmp_path / "users.parquet"

@@ -180,20 +180,23 @@ def evaluate(
     metrics = evaluate_model(
         model_dir, data_dir, out, budget, estimator=estimator.value, curve_out=curve
     )
-    line = (
-        f"EOM {metrics.eom:.4f} [{metrics.eom_ci_low:.4f}, {metrics.eom_ci_high:.4f}] "
-        f"at budget {metrics.budget:.4f} (estimated cost {metrics.mean_cost:.4f})"
+    m = metrics
+    deployed = (
+        f"deployed allocation ({m.deployed_status}): revenue {_fmt(m.deployed_value)} "
+        f"[{_fmt(m.deployed_value_ci_low)}, {_fmt(m.deployed_value_ci_high)}], spend "
+        f"{_fmt(m.deployed_cost)} [{_fmt(m.deployed_cost_ci_low)}, {_fmt(m.deployed_cost_ci_high)}]"
+        f" at budget {_fmt(m.budget)}"
     )
-    if metrics.true_value is not None:
-        line += f"; true value {metrics.true_value:.4f}, true cost {metrics.true_cost:.4f}"
-    typer.echo(line)
-    typer.echo(
-        f"deployed ({metrics.deployed_status}): revenue {metrics.deployed_value:.4f} "
-        f"[{metrics.deployed_value_ci_low:.4f}, {metrics.deployed_value_ci_high:.4f}], "
-        f"spend {metrics.deployed_cost:.4f} [{metrics.deployed_cost_ci_low:.4f}, "
-        f"{metrics.deployed_cost_ci_high:.4f}]"
-    )
+    if m.deployed_true_value is not None:
+        deployed += f"; true {_fmt(m.deployed_true_value)}, spend {_fmt(m.deployed_true_cost)}"
+    typer.echo(deployed)
+    typer.echo(f"EOM {_fmt(m.eom)} [{_fmt(m.eom_ci_low)}, {_fmt(m.eom_ci_high)}] ({m.estimator})")
     typer.echo(f"metrics written to {out}")
+
+
+def _fmt(value: float | None) -> str:
+    """A metric for the terminal; None (a non-finite estimate) as n/a."""
+    return "n/a" if value is None else f"{value:.4f}"
 
 
 @app.command()

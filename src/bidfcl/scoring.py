@@ -159,7 +159,7 @@ def model_metrics(
     dataset: Dataset,
     budget: float,
     table: str = RCT_TEST,
-    estimator: str = "ipw",
+    estimator: str = "dr",
 ) -> tuple[Metrics, pd.DataFrame | None]:
     """Metrics of ``model`` on one RCT table, plus the budget-value curve (None for M = 2)."""
     check_feature_columns(model.feature_columns, dataset.meta.feature_columns)
@@ -279,7 +279,7 @@ def score_saved_model(
     data_dir: Path | str,
     budget: float | None = None,
     table: str = RCT_TEST,
-    estimator: str = "ipw",
+    estimator: str = "dr",
 ) -> tuple[Metrics, pd.DataFrame | None]:
     """Score a saved model folder on one table of a dataset folder (budget None: the
     dataset's default); the metrics name the model's method."""
@@ -297,7 +297,7 @@ def evaluate_model(
     out: Path | str,
     budget: float | None = None,
     table: str = RCT_TEST,
-    estimator: str = "ipw",
+    estimator: str = "dr",
     curve_out: Path | str | None = None,
 ) -> Metrics:
     """Evaluate a saved model on a dataset folder and write ``metrics.json`` (and the curve)."""
