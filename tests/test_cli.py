@@ -1,4 +1,4 @@
-"""The command line end to end on small data: simulate, validate, summarize."""
+"""The command line end to end on small data, and how it reports errors."""
 
 from __future__ import annotations
 
@@ -6,9 +6,11 @@ import json
 from pathlib import Path
 
 import pandas as pd
+import pytest
 from typer.testing import CliRunner
 
-from bidfcl.cli import app
+from bidfcl.cli import app, main
+from bidfcl.train_config import TrainConfig
 
 runner = CliRunner()
 
@@ -51,3 +53,50 @@ def test_validate_exits_non_zero_and_names_column_and_rule(
     assert "rct_test.parquet" in result.output and "revenue" in result.output
     failures = json.loads(report.read_text())["failures"]
     assert any(f["column"] == "revenue" and f["n_rows"] == 3 for f in failures)
+
+
+# --------------------------------------------------------------------------- errors and help
+
+
+def test_help_shows_defaults_and_choices(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "[default: train.method of the parameters]" in text
+    assert main(["evaluate", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "<ipw|snipw|dr>" in text and "[default: dr]" in text
+
+
+def test_a_bad_option_is_one_line_and_exit_2(
+    small_dataset_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["train", str(small_dataset_dir), "--out", str(tmp_path / "m"), "--method", "nope"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown method 'nope'" in err and "tsm-rct" in err
+    assert not (tmp_path / "m").exists()
+    assert main(["evaluate", "m", "d", "--estimator", "xyz"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_a_bad_input_is_one_line_and_exit_1_and_debug_shows_the_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["summarize", str(tmp_path / "missing")]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert err == f"bidfcl: error: {tmp_path / 'missing' / 'meta.json'}: file not found\n"
+    assert main(["--debug", *args]) == 1
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_train_outside_a_project_uses_the_library_defaults(
+    small_dataset_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # no params.yaml here
+    out = tmp_path / "model"
+    assert main(["train", str(small_dataset_dir), "--out", str(out), "--method", "tsm-rct"]) == 0
+    trained = json.loads((out / "model.json").read_text())["metadata"]["train_config"]
+    assert trained == {**TrainConfig().to_dict(), "method": "tsm-rct"}
+    missing = ["train", str(small_dataset_dir), "--out", str(out), "--params", "nope.yaml"]
+    assert main(missing) == 1  # an explicit parameters file must exist

@@ -2,24 +2,93 @@
 
 Imports are deferred into the commands so that `bidfcl --help` stays fast and a stage
 only pays for the libraries it uses (Great Expectations, Lightning, MLflow are heavy).
+:func:`main` is the entry point: a wrong option is one line and exit 2, an error in the
+input (a missing file, bad data, an unknown setting, a bad model reference) one line and
+exit 1; ``bidfcl --debug ...`` shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import json
+import sys
+import traceback
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+# Help text keeps its brackets ("[default: ...]"): no rich markup.
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
     help="Bi-level decision-focused causal learning for budgeted marketing allocation.",
 )
-fetch_app = typer.Typer(no_args_is_help=True, help="Download public datasets.")
+fetch_app = typer.Typer(
+    no_args_is_help=True, rich_markup_mode=None, help="Download public datasets."
+)
 app.add_typer(fetch_app, name="fetch")
+PROGRAM = "bidfcl"
+# The usage-error type of the click Typer runs on (Typer may ship its own copy of click).
+UsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+_options = {"debug": False}
+
+
+@app.callback()
+def _global_options(
+    debug: Annotated[bool, typer.Option(help="Show the traceback of an error.")] = False,
+) -> None:
+    _options["debug"] = debug
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; return the exit status (the console script exits with it)."""
+    try:
+        status = app(args=argv, prog_name=PROGRAM, standalone_mode=False)
+    except UsageError as error:
+        if error.ctx is not None and not (argv if argv is not None else sys.argv[1:]):
+            typer.echo(error.ctx.get_help())  # bare `bidfcl`: the overview
+            return 0
+        typer.echo(f"{PROGRAM}: error: {error.format_message()}", err=True)
+        return 2
+    except typer.Abort:
+        typer.echo(f"{PROGRAM}: aborted", err=True)
+        return 130
+    except Exception as error:
+        if _options["debug"]:
+            traceback.print_exc()
+        else:
+            typer.echo(f"{PROGRAM}: error: {_describe(error)}", err=True)
+        return 1
+    return status if isinstance(status, int) else 0
+
+
+def _describe(error: Exception) -> str:
+    """One line for an error: the message of an input error, the type for anything else."""
+    message = " ".join(str(error).split()) or type(error).__name__
+    if isinstance(error, ValueError | OSError | KeyError) or _is_mlflow(error):
+        return message
+    return f"{type(error).__name__}: {message} (run `{PROGRAM} --debug ...` for the traceback)"
+
+
+def _is_mlflow(error: Exception) -> bool:
+    return type(error).__module__.split(".")[0] == "mlflow"
+
+
+def _method_option(method: str | None) -> str | None:
+    """``--method`` checked against the known methods (a usage error, exit 2)."""
+    if method is None:
+        return None
+    from bidfcl.methods import METHODS
+
+    if method not in METHODS:
+        raise typer.BadParameter(
+            f"unknown method {method!r}; choose one of {', '.join(METHODS)}",
+            param_hint="'--method'",
+        )
+    return method
 
 
 @app.command()
@@ -139,22 +208,39 @@ def train(
     data_dir: Annotated[Path, typer.Argument(help="Dataset folder.")],
     out: Annotated[Path, typer.Option(help="Model folder to write.")],
     method: Annotated[
-        str | None, typer.Option(help="Learner name [default: params.yaml train.method].")
+        str | None,
+        typer.Option(
+            help="Learner, e.g. tsm-rct, tsm-both, dfcl-ppl, bidfcl-ppl "
+            "[default: train.method of the parameters].",
+            callback=_method_option,
+        ),
     ] = None,
     budget: Annotated[
         float | None, typer.Option(help="Mean cost per user [default: the dataset's].")
     ] = None,
-    seed: Annotated[int | None, typer.Option(help="Random seed [default: params.yaml].")] = None,
-    params: Annotated[Path, typer.Option(help="Parameters file (its train: section).")] = Path(
-        "params.yaml"
-    ),
+    seed: Annotated[
+        int | None, typer.Option(help="Random seed [default: train.seed of the parameters].")
+    ] = None,
+    params: Annotated[
+        Path | None,
+        typer.Option(
+            help="Parameters file (its train: section) [default: ./params.yaml if present, "
+            "else the library defaults, which equal the shipped params.yaml].",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Train an uplift model with the configured learner and save it to --out."""
     from bidfcl.methods import train_to_folder
-    from bidfcl.params import load_params
+    from bidfcl.params import PARAMS_FILE, load_params, parse_params
 
     overrides = {"train.method": method, "train.budget": budget, "train.seed": seed}
-    config = load_params(params, overrides).train.config
+    if params is None and not Path(PARAMS_FILE).exists():
+        typer.echo(f"no {PARAMS_FILE} here: training with the library defaults", err=True)
+        settings = parse_params({}, overrides)
+    else:
+        settings = load_params(params or PARAMS_FILE, overrides)
+    config = settings.train.config
     path = train_to_folder(data_dir, out, config, progress=True)
     typer.echo(f"trained {config.method} model saved to {path}")
 
@@ -360,4 +446,4 @@ def resolve_model(
 
 
 if __name__ == "__main__":
-    app()
+    sys.exit(main())

@@ -7,6 +7,7 @@ loudly with the key named, so a typo never silently falls back to a default.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -86,22 +87,30 @@ class Params:
 def load_params(
     path: Path | str = PARAMS_FILE, overrides: Mapping[str, Any] | None = None
 ) -> Params:
-    """Read a params file. ``overrides`` maps dotted keys (``train.seed``) to values that
-    replace the file's; a None value leaves the file's value (an unset CLI option)."""
+    """Read a params file (see :func:`parse_params` for ``overrides``)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: params file not found")
     raw = yaml.safe_load(path.read_text()) or {}
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: must hold a mapping of sections")
+    return parse_params(raw, overrides, origin=str(path))
+
+
+def parse_params(
+    raw: Mapping[str, Any],
+    overrides: Mapping[str, Any] | None = None,
+    origin: str = PARAMS_FILE,
+) -> Params:
+    """Type every section of a params mapping; a missing section means its defaults.
+
+    ``overrides`` maps dotted keys (``train.seed``) to values that replace the mapping's; a
+    None value leaves it as it is (an unset CLI option).
+    """
+    raw = copy.deepcopy(dict(raw))
     for dotted, value in (overrides or {}).items():
         if value is not None:
             _assign(raw, dotted, value)
-    return parse_params(raw, origin=str(path))
-
-
-def parse_params(raw: Mapping[str, Any], origin: str = PARAMS_FILE) -> Params:
-    """Type every section of a params mapping; a missing section means its defaults."""
     unknown = sorted(set(raw) - {f.name for f in fields(Params)})
     if unknown:
         raise ValueError(f"{origin}: unknown section(s) {unknown}")
