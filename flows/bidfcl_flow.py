@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from prefect import flow, task
+from prefect import flow, serve, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.runtime import flow_run
 
 from bidfcl import stages
 from bidfcl.params import PARAMS_FILE, Params, load_params, set_params
@@ -32,7 +33,21 @@ def _params(root: Path) -> Params:
     return load_params(root / PARAMS_FILE)
 
 
-@task(name="ingest", retries=2, retry_delay_seconds=5)
+def transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry only errors that can pass on their own: a dropped connection, a time-out, a lock
+    another process holds (DVC's, a sqlite registry's). A missing folder or bad data fails
+    the same way every time, so it is not retried."""
+    try:
+        state.result()
+    except (ConnectionError, TimeoutError):
+        return True
+    except Exception as error:
+        text = str(error).lower()
+        return type(error).__name__ == "LockError" or "database is locked" in text
+    return False
+
+
+@task(name="ingest", retries=2, retry_delay_seconds=5, retry_condition_fn=transient)
 def ingest_task(root: Path) -> str:
     """Copies can fail transiently (a network share, a batch still being written): retried.
     DVC records the landed batch only once it has passed validation."""
@@ -57,7 +72,7 @@ def validate_task(root: Path) -> dict[str, Any]:
     return report
 
 
-@task(name="version", retries=2, retry_delay_seconds=5)
+@task(name="version", retries=2, retry_delay_seconds=5, retry_condition_fn=transient)
 def version_task(root: Path) -> dict[str, Any]:
     """DVC's repository lock may be held by another process for a moment: retried."""
     return stages.version(root)
@@ -77,10 +92,11 @@ def evaluate_task(root: Path) -> dict[str, Metrics]:
     return metrics
 
 
-@task(name="promote", retries=2, retry_delay_seconds=5)
+@task(name="promote", retries=2, retry_delay_seconds=5, retry_condition_fn=transient)
 def promote_task(root: Path) -> dict[str, Any]:
-    """The registry (a database, possibly remote) can be briefly unavailable: retried."""
-    promotion = stages.promote(root, _params(root).promote)
+    """The registry (a database, possibly remote) can be briefly unavailable: retried. The
+    flow run's id keys the promotion, so a retry reuses what the first try logged."""
+    promotion = stages.promote(root, _params(root).promote, promotion_key=flow_run.id)
     stages.record_stage(root, "promote")
     return promotion
 
@@ -138,6 +154,18 @@ def nightly_deployment() -> dict[str, Any]:
     return next(d for d in spec["deployments"] if d["name"] == "nightly")
 
 
+def nightly_runner() -> Any:
+    """prefect.yaml's nightly deployment for ``serve``: schedule, parameters and its limit
+    of one run at a time."""
+    declared = nightly_deployment()
+    return bidfcl_pipeline.to_deployment(
+        name=declared["name"],
+        cron=declared["schedules"][0]["cron"],
+        parameters=declared["parameters"],
+        concurrency_limit=declared["concurrency_limit"],
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--project-dir", default=".")
@@ -148,12 +176,7 @@ def main() -> None:
     # Prefect's ephemeral API server can take longer than its default 20 s on a busy machine.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     if args.serve:
-        deployment = nightly_deployment()
-        bidfcl_pipeline.serve(
-            name=deployment["name"],
-            cron=deployment["schedules"][0]["cron"],
-            parameters=deployment["parameters"],
-        )
+        serve(nightly_runner())
         return
     result = bidfcl_pipeline(args.project_dir, args.data_path, args.budget)
     promotion = result["promotion"]

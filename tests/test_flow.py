@@ -26,6 +26,7 @@ from typer.testing import CliRunner
 from bidfcl import registry, stages
 from bidfcl.cli import app
 from bidfcl.gate import PromoteParams
+from bidfcl.params import load_params
 from bidfcl.scoring import allocate_file
 from test_stages import REPO, make_project
 
@@ -247,11 +248,42 @@ def test_the_nightly_deployment_matches_prefect_yaml(flow_module: ModuleType) ->
     assert nightly == flow_module.nightly_deployment()
     assert nightly["entrypoint"] == "flows/bidfcl_flow.py:bidfcl_pipeline"
     assert nightly["schedules"][0]["cron"] == "0 2 * * *"
+    assert nightly["concurrency_limit"] == 1  # runs share params.yaml, data/ and the registry
     flow = flow_module.bidfcl_pipeline
     assert set(nightly["parameters"]) <= set(flow.parameters.properties)
     assert flow.validate_parameters(nightly["parameters"]) == nightly["parameters"]
-    deployment = flow.to_deployment(
-        name=nightly["name"], cron=nightly["schedules"][0]["cron"], parameters=nightly["parameters"]
-    )
+    deployment = flow_module.nightly_runner()  # what `--serve` serves
     assert deployment.schedules[0].schedule.cron == "0 2 * * *"
     assert deployment.parameters == nightly["parameters"]
+    assert deployment.concurrency_limit == 1
+
+
+def test_only_transient_errors_are_retried(flow_module: ModuleType) -> None:
+    from prefect.states import Failed
+
+    def retried(error: Exception) -> bool:
+        return flow_module.transient(None, None, Failed(data=error))
+
+    assert retried(ConnectionError("registry unreachable"))
+    assert retried(TimeoutError("timed out"))
+    assert retried(RuntimeError("(sqlite3.OperationalError) database is locked"))
+    assert not retried(FileNotFoundError("data/incoming: not a dataset folder"))
+    assert not retried(ValueError("rct_train.parquet: column treatment out of range"))
+
+
+def test_a_retried_promotion_reuses_its_runs_and_version(runs: Runs) -> None:
+    """Last in this file: it adds a version to the shared registry."""
+    params = load_params(runs.root / "params.yaml").promote
+    client = runs.client()
+    before = len(client.search_model_versions(f"name='{MODEL_NAME}'"))
+    first = stages.promote(runs.root, params, promotion_key="flow-run-7")
+    again = stages.promote(runs.root, params, promotion_key="flow-run-7")
+    assert again["version"] == first["version"] and again["runs"] == first["runs"]
+    assert len(client.search_model_versions(f"name='{MODEL_NAME}'")) == before + 1
+    assert again["holdout"]["decisions"] == first["holdout"]["decisions"]
+    experiment = client.get_experiment_by_name(params.experiment)
+    assert experiment is not None
+    logged = client.search_runs(
+        [experiment.experiment_id], filter_string="tags.promotion_key = 'flow-run-7'"
+    )
+    assert len(logged) == len(first["runs"])

@@ -34,6 +34,10 @@ MODEL_ARTIFACT = "model"
 UPLIFT_ARTIFACT = "uplift_model"
 TRACKING_ENV = "MLFLOW_TRACKING_URI"
 HOLDOUT_TAG = "holdout"  # the md5 of the held-out table a gate decision was taken on
+# One promotion (a flow run, or one set of promote inputs) tags its runs and version with this
+# key, so a retried promotion finds what it already logged instead of logging it twice.
+PROMOTION_TAG = "promotion_key"
+MODEL_URI_TAG = "model_uri"
 PINNED_PACKAGES = ("torch", "numpy", "pandas", "pyarrow", "mlflow")
 
 
@@ -96,12 +100,23 @@ def tracking(root: Path, config: PromoteParams) -> Iterator[MlflowClient]:
             os.environ[TRACKING_ENV] = previous_env
 
 
-def log_training_run(model_dir: Path, metrics: Metrics, curve_csv: Path) -> dict[str, str]:
-    """One MLflow run per trained method: params, numeric metrics, the budget-value curve (CSV
-    and PNG) and the model. Returns the run id and the logged model's URI."""
+def log_training_run(
+    model_dir: Path, metrics: Metrics, curve_csv: Path, promotion_key: str
+) -> dict[str, str]:
+    """One MLflow run per trained method and promotion: params, numeric metrics, the
+    budget-value curve (CSV and PNG) and the model. Returns the run id and the logged model's
+    URI; a run this promotion already logged for the method is returned as it is."""
     model = UpliftModel.load(model_dir)
     meta = model.metadata
-    with mlflow.start_run(run_name=str(meta.get("method"))) as run:
+    method = str(meta.get("method"))
+    logged = mlflow.search_runs(
+        filter_string=f"tags.{PROMOTION_TAG} = '{promotion_key}' and tags.method = '{method}'",
+        output_format="list",
+    )
+    done = [r for r in logged if MODEL_URI_TAG in r.data.tags]
+    if done:
+        return {"run_id": done[0].info.run_id, "model_uri": done[0].data.tags[MODEL_URI_TAG]}
+    with mlflow.start_run(run_name=method) as run:
         mlflow.log_params(
             {
                 **{f"train.{k}": v for k, v in (meta.get("train_config") or {}).items()},
@@ -116,11 +131,12 @@ def log_training_run(model_dir: Path, metrics: Metrics, curve_csv: Path) -> dict
                 if isinstance(value, int | float) and not isinstance(value, bool)
             }
         )
-        mlflow.set_tags({"method": str(meta.get("method")), "table": metrics.table})
+        mlflow.set_tags({"method": method, "table": metrics.table, PROMOTION_TAG: promotion_key})
         if curve_csv.exists():
             mlflow.log_artifact(str(curve_csv), artifact_path="plots")
             mlflow.log_figure(_curve_figure(pd.read_csv(curve_csv), meta), "plots/budget_value.png")
         model_uri = _log_pyfunc(model, model_dir, metrics)
+        mlflow.set_tag(MODEL_URI_TAG, model_uri)  # last: marks the run complete
     return {"run_id": run.info.run_id, "model_uri": model_uri}
 
 
@@ -161,11 +177,19 @@ def _log_pyfunc(model: UpliftModel, model_dir: Path, metrics: Metrics) -> str:
     return info.model_uri
 
 
-def register_challenger(model_uri: str, config: PromoteParams) -> str:
-    """Register a logged model as a new version and give it the ``challenger`` alias."""
-    version = mlflow.register_model(model_uri, config.model_name).version
-    MlflowClient().set_registered_model_alias(config.model_name, CHALLENGER, version)
-    return str(version)
+def register_challenger(model_uri: str, config: PromoteParams, promotion_key: str) -> str:
+    """Register a logged model as a new version and give it the ``challenger`` alias; the
+    version this promotion already registered, if any, is reused."""
+    client = MlflowClient()
+    versions = client.search_model_versions(f"name='{config.model_name}'")
+    mine = [v for v in versions if v.tags.get(PROMOTION_TAG) == promotion_key]
+    if mine:
+        version = str(mine[0].version)
+    else:
+        version = str(mlflow.register_model(model_uri, config.model_name).version)
+        client.set_model_version_tag(config.model_name, version, PROMOTION_TAG, promotion_key)
+    client.set_registered_model_alias(config.model_name, CHALLENGER, version)
+    return version
 
 
 def alias_version(config: PromoteParams, alias: str) -> str | None:
@@ -197,10 +221,15 @@ def record_decision(
         client.set_registered_model_alias(config.model_name, CHAMPION, version)
 
 
-def holdout_decisions(config: PromoteParams, holdout: str) -> int:
-    """How many gate decisions the registry records on the held-out table ``holdout``."""
+def holdout_decisions(config: PromoteParams, holdout: str, exclude_version: str) -> int:
+    """How many gate decisions the registry records on the held-out table ``holdout``, other
+    than one on ``exclude_version`` (a retried promotion's own)."""
     versions = MlflowClient().search_model_versions(f"name='{config.model_name}'")
-    return sum(v.tags.get(HOLDOUT_TAG) == holdout and "decision" in v.tags for v in versions)
+    return sum(
+        v.tags.get(HOLDOUT_TAG) == holdout and "decision" in v.tags
+        for v in versions
+        if str(v.version) != exclude_version
+    )
 
 
 def resolve_model_uri(ref: str, dest: Path | None = None) -> Path:

@@ -181,9 +181,13 @@ def evaluate(root: Path, config: EvaluateParams) -> dict[str, Metrics]:
     return results
 
 
-def promote(root: Path, config: PromoteParams) -> dict[str, Any]:
+def promote(root: Path, config: PromoteParams, promotion_key: str | None = None) -> dict[str, Any]:
     """Log every trained method to MLflow, register the candidate as ``challenger`` and apply
     the gate; write ``results/promotion.json`` with the decision.
+
+    Idempotent per ``promotion_key`` (the flow passes its run id; by default a digest of the
+    promote inputs: manifest, metrics and the candidate's weights): a retry finds the runs
+    and the version it already logged and registered, and decides again on the same data.
 
     The gate compares the candidate's deployed allocation with the champion's (re-scored on
     the same held-out table, budget and estimator) or, with no champion yet, with the
@@ -193,7 +197,7 @@ def promote(root: Path, config: PromoteParams) -> dict[str, Any]:
     """
     from bidfcl import registry
     from bidfcl.contract import load_dataset, table_file
-    from bidfcl.model import UpliftModel
+    from bidfcl.model import WEIGHTS_FILE, UpliftModel
 
     manifest = read_manifest(root)
     metrics = {
@@ -206,8 +210,15 @@ def promote(root: Path, config: PromoteParams) -> dict[str, Any]:
     )
     candidate = manifest["candidate"]
     challenger = metrics[candidate]
+    key = promotion_key or _digest(
+        [
+            root / MODELS_DIR / MANIFEST_FILE,
+            root / MODELS_DIR / candidate / WEIGHTS_FILE,
+            *(root / METRICS_DIR / f"{method}.json" for method in manifest["methods"]),
+        ]
+    )
     dataset = load_dataset(root / RAW_DIR, tables=(challenger.table,))
-    holdout = _file_digest(root / RAW_DIR / table_file(challenger.table))
+    holdout = _digest([root / RAW_DIR / table_file(challenger.table)])
     challenger_model = UpliftModel.load(root / MODELS_DIR / candidate)
     with registry.tracking(root, config), tempfile.TemporaryDirectory() as tmp:
         runs = {
@@ -215,10 +226,11 @@ def promote(root: Path, config: PromoteParams) -> dict[str, Any]:
                 root / MODELS_DIR / method,
                 metrics[method],
                 root / CURVES_DIR / f"{method}.csv",
+                key,
             )
             for method in manifest["methods"]
         }
-        version_number = registry.register_challenger(runs[candidate]["model_uri"], config)
+        version_number = registry.register_challenger(runs[candidate]["model_uri"], config, key)
         champion = registry.alias_version(config, registry.CHAMPION)
         reference, reference_dir = None, None
         if champion is not None and champion != version_number:
@@ -242,7 +254,7 @@ def promote(root: Path, config: PromoteParams) -> dict[str, Any]:
                 config.alpha,
             )
         decision = decide(challenger, comparison, reference or "nothing", validation_passed, config)
-        holdout_uses = registry.holdout_decisions(config, holdout) + 1
+        holdout_uses = registry.holdout_decisions(config, holdout, version_number) + 1
         registry.record_decision(
             config,
             version_number,
@@ -265,12 +277,13 @@ def promote(root: Path, config: PromoteParams) -> dict[str, Any]:
     return summary
 
 
-def _file_digest(path: Path) -> str:
-    """MD5 of a file's bytes (DVC's hash of the same file), naming a held-out table."""
+def _digest(paths: list[Path]) -> str:
+    """MD5 of the files' bytes in order (for one file, DVC's hash of it)."""
     digest = hashlib.md5()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
+    for path in paths:
+        with path.open("rb") as handle:
+            for block in iter(lambda h=handle: h.read(1 << 20), b""):
+                digest.update(block)
     return digest.hexdigest()
 
 
