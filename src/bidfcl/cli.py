@@ -34,6 +34,12 @@ PROGRAM = "bidfcl"
 # The usage-error type of the click Typer runs on (Typer may ship its own copy of click).
 UsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
 _options = {"debug": False}
+BudgetOption = Annotated[
+    float | None, typer.Option(help="Mean cost per user [default: the dataset's].")
+]
+ScoredDataArgument = Annotated[
+    Path, typer.Argument(help="Dataset folder (its rct_test is scored).")
+]
 
 
 @app.callback()
@@ -215,9 +221,7 @@ def train(
             callback=_method_option,
         ),
     ] = None,
-    budget: Annotated[
-        float | None, typer.Option(help="Mean cost per user [default: the dataset's].")
-    ] = None,
+    budget: BudgetOption = None,
     seed: Annotated[
         int | None, typer.Option(help="Random seed [default: train.seed of the parameters].")
     ] = None,
@@ -248,11 +252,9 @@ def train(
 @app.command()
 def evaluate(
     model_dir: Annotated[Path, typer.Argument(help="Saved model folder.")],
-    data_dir: Annotated[Path, typer.Argument(help="Dataset folder (its rct_test is scored).")],
+    data_dir: ScoredDataArgument,
     out: Annotated[Path, typer.Option(help="metrics.json to write.")] = Path("metrics.json"),
-    budget: Annotated[
-        float | None, typer.Option(help="Mean cost per user [default: the dataset's].")
-    ] = None,
+    budget: BudgetOption = None,
     estimator: Annotated[
         Estimator, typer.Option(help="Off-policy estimator (DR: cross-fitted outcome model).")
     ] = Estimator.dr,
@@ -289,11 +291,9 @@ def _fmt(value: float | None) -> str:
 def compare(
     model_a: Annotated[Path, typer.Argument(help="Saved model folder A (the challenger).")],
     model_b: Annotated[Path, typer.Argument(help="Saved model folder B (the reference).")],
-    data_dir: Annotated[Path, typer.Argument(help="Dataset folder (its rct_test is scored).")],
+    data_dir: ScoredDataArgument,
     out: Annotated[Path, typer.Option(help="compare.json to write.")] = Path("compare.json"),
-    budget: Annotated[
-        float | None, typer.Option(help="Mean cost per user [default: the dataset's].")
-    ] = None,
+    budget: BudgetOption = None,
     estimator: Annotated[
         Estimator, typer.Option(help="ipw, or dr (outcome model cross-fitted on the table).")
     ] = Estimator.dr,
