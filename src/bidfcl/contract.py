@@ -12,7 +12,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
@@ -124,6 +124,17 @@ class LoggedData:
     n_treatments: int
     weight: torch.Tensor | None = None  # float32 (N,)
 
+    # the per-row tensor fields, in order (weight last: the one that may be None)
+    ROW_FIELDS: ClassVar[tuple[str, ...]] = (
+        "user_id",
+        "x",
+        "treatment",
+        "revenue",
+        "cost",
+        "propensity",
+        "weight",
+    )
+
     def __len__(self) -> int:
         return int(self.treatment.shape[0])
 
@@ -132,15 +143,7 @@ class LoggedData:
         return len(self)
 
     def _columns(self) -> dict[str, torch.Tensor | None]:
-        return {
-            "user_id": self.user_id,
-            "x": self.x,
-            "treatment": self.treatment,
-            "revenue": self.revenue,
-            "cost": self.cost,
-            "propensity": self.propensity,
-            "weight": self.weight,
-        }
+        return {name: getattr(self, name) for name in self.ROW_FIELDS}
 
     def to(self, device: torch.device | str) -> LoggedData:
         """The rows on ``device`` (Lightning moves a batch through this method)."""
@@ -163,17 +166,14 @@ class LoggedData:
 def concat_logged(parts: Sequence[LoggedData]) -> LoggedData:
     """Rows of several tables stacked in order (e.g. RCT train followed by OBS); a part
     without weights counts as weighing 1 when another part has them."""
-    weighted = any(part.weight is not None for part in parts)
-    weights = [part.weight if part.weight is not None else torch.ones(len(part)) for part in parts]
     columns = {
         name: torch.cat([getattr(part, name) for part in parts])
-        for name in ("user_id", "x", "treatment", "revenue", "cost", "propensity")
+        for name in LoggedData.ROW_FIELDS[:-1]
     }
-    return LoggedData(
-        **columns,
-        n_treatments=parts[0].n_treatments,
-        weight=torch.cat(weights) if weighted else None,
-    )
+    weight = None
+    if any(part.weight is not None for part in parts):
+        weight = torch.cat([torch.ones(len(p)) if p.weight is None else p.weight for p in parts])
+    return LoggedData(**columns, n_treatments=parts[0].n_treatments, weight=weight)
 
 
 @dataclass(frozen=True)
