@@ -3,8 +3,8 @@
 Each task calls the same stage function as ``bidfcl stage NAME`` and ``dvc repro``, then
 records the stage in DVC (``dvc commit``), so after a flow run ``dvc status`` is clean and
 ``dvc repro`` has nothing to do. A batch that fails validation stops the flow there: the
-report becomes a Prefect artifact and the versioned data, models, metrics and registry keep
-their previous state.
+report becomes a Prefect artifact, data/landing is put back, and the versioned data,
+models, metrics and registry keep their previous state.
 
 Run once:      python flows/bidfcl_flow.py [--data-path DIR] [--budget B] [--project-dir DIR]
 Serve nightly: python flows/bidfcl_flow.py --serve   (schedule and parameters from prefect.yaml)
@@ -18,19 +18,31 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from prefect import flow, serve, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect import flow, get_run_logger, serve, task
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.runtime import flow_run
 
 from bidfcl import stages
-from bidfcl.params import PARAMS_FILE, Params, load_params, set_params
+from bidfcl.gate import PromoteParams
+from bidfcl.learner import EpochSummary
+from bidfcl.params import (
+    PARAMS_FILE,
+    EvaluateParams,
+    IngestParams,
+    TrackingParams,
+    TrainParams,
+    ValidateParams,
+    load_params,
+    write_run_overrides,
+)
 from bidfcl.scoring import Metrics
 
 PREFECT_YAML = Path(__file__).resolve().parents[1] / "prefect.yaml"
-
-
-def _params(root: Path) -> Params:
-    return load_params(root / PARAMS_FILE)
 
 
 def transient(task: Any, task_run: Any, state: Any) -> bool:
@@ -48,18 +60,18 @@ def transient(task: Any, task_run: Any, state: Any) -> bool:
 
 
 @task(name="ingest", retries=2, retry_delay_seconds=5, retry_condition_fn=transient)
-def ingest_task(root: Path) -> str:
+def ingest_task(root: Path, config: IngestParams) -> str:
     """Copies can fail transiently (a network share, a batch still being written): retried.
     DVC records the landed batch only once it has passed validation."""
-    return str(stages.ingest(root, _params(root).ingest))
+    return str(stages.ingest(root, config))
 
 
 @task(name="validate")
-def validate_task(root: Path) -> dict[str, Any]:
-    """Not retried: a broken batch stays broken. Its report becomes a flow-run artifact, and
-    neither the batch nor the report reaches dvc.lock."""
+def validate_task(root: Path, config: ValidateParams) -> dict[str, Any]:
+    """Not retried: a broken batch stays broken. Its report becomes a flow-run artifact; the
+    flow then puts data/landing and the committed report back as they were."""
     try:
-        report = stages.validate(root, _params(root).validate)
+        return stages.validate(root, config)
     except stages.ValidationFailed as failure:
         create_markdown_artifact(
             key="validation-report",
@@ -67,38 +79,65 @@ def validate_task(root: Path) -> dict[str, Any]:
             description="The batch broke the data contract; nothing downstream ran.",
         )
         raise
-    stages.record_stage(root, "ingest")
-    stages.record_stage(root, "validate")
-    return report
 
 
 @task(name="version", retries=2, retry_delay_seconds=5, retry_condition_fn=transient)
-def version_task(root: Path) -> dict[str, Any]:
-    """DVC's repository lock may be held by another process for a moment: retried."""
+def version_task(root: Path, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Record the accepted batch: the run's overrides in params.run.yaml, the ingest and
+    validate stages in dvc.lock, then DVC imports the batch into data/raw. DVC's repository
+    lock may be held by another process for a moment: retried (each step is idempotent)."""
+    write_run_overrides(root, overrides)
+    stages.record_stage(root, "ingest")
+    stages.record_stage(root, "validate")
     return stages.version(root)
 
 
 @task(name="train")
-def train_task(root: Path) -> list[str]:
-    methods = stages.train(root, _params(root).train)
+def train_task(root: Path, config: TrainParams, tracking: TrackingParams) -> list[str]:
+    """One MLflow run per method, live: each epoch is a log line here, a step of the run's
+    metrics, and an update of the flow run's progress artifact."""
+    logger = get_run_logger()
+    methods = config.methods
+    progress_id = create_progress_artifact(
+        progress=0.0, key="training-progress", description=f"Training {', '.join(methods)}"
+    )
+
+    def on_epoch(method: str, summary: EpochSummary) -> None:
+        logger.info(stages.epoch_line(method, summary))
+        done = (summary.epoch + 1) / max(1, summary.max_epochs)
+        share = (methods.index(method) + min(done, 1.0)) / len(methods)
+        update_progress_artifact(progress_id, progress=round(100 * share, 1))
+
+    trained = stages.train(root, config, tracking, on_epoch=on_epoch)
+    update_progress_artifact(progress_id, progress=100.0)
     stages.record_stage(root, "train")
-    return methods
+    return trained
 
 
 @task(name="evaluate")
-def evaluate_task(root: Path) -> dict[str, Metrics]:
-    metrics = stages.evaluate(root, _params(root).evaluate)
+def evaluate_task(root: Path, config: EvaluateParams) -> dict[str, Metrics]:
+    metrics = stages.evaluate(root, config)
     stages.record_stage(root, "evaluate")
     return metrics
 
 
 @task(name="promote", retries=2, retry_delay_seconds=5, retry_condition_fn=transient)
-def promote_task(root: Path) -> dict[str, Any]:
+def promote_task(root: Path, config: PromoteParams, tracking: TrackingParams) -> dict[str, Any]:
     """The registry (a database, possibly remote) can be briefly unavailable: retried. The
-    flow run's id keys the promotion, so a retry reuses what the first try logged."""
-    promotion = stages.promote(root, _params(root).promote, promotion_key=flow_run.id)
+    flow run's id keys the promotion, so a retry reuses the version the first try registered."""
+    promotion = stages.promote(root, config, tracking, promotion_key=flow_run.id)
     stages.record_stage(root, "promote")
     return promotion
+
+
+def run_overrides(data_path: str | None, budget: float | None) -> dict[str, Any]:
+    """The flow's parameters as dotted overrides of params.yaml."""
+    overrides: dict[str, Any] = {}
+    if data_path is not None:
+        overrides["ingest.source"] = str(Path(data_path).resolve())
+    if budget is not None:
+        overrides |= {"train.budget": float(budget), "evaluate.budget": float(budget)}
+    return overrides
 
 
 @flow(name="bidfcl-pipeline", log_prints=True)
@@ -111,24 +150,23 @@ def bidfcl_pipeline(
 
     ``data_path``: a dataset folder with the new batch (None: ``ingest.source`` in
     params.yaml, by default the simulator). ``budget``: mean cost per user for training and
-    evaluation (None: params.yaml, else the dataset's default). Both are written to
-    params.yaml so DVC's lock records what this run used.
+    evaluation (None: params.yaml, else the dataset's default). The settings are read once,
+    here, and handed to each task, so a concurrent edit of params.yaml cannot reach a
+    running flow. params.yaml is never written: once the batch is accepted, the overrides
+    go to params.run.yaml, which dvc.lock records. A rejected batch leaves data/landing,
+    params.run.yaml, dvc.lock, the data and the registry as they were.
     """
     root = Path(project_dir).resolve()
-    overrides: dict[str, Any] = {}
-    if data_path is not None:
-        overrides["ingest.source"] = str(Path(data_path).resolve())
-    if budget is not None:
-        overrides |= {"train.budget": float(budget), "evaluate.budget": float(budget)}
-    if overrides:
-        set_params(root / PARAMS_FILE, overrides)
+    overrides = run_overrides(data_path, budget)
+    params = load_params(root / PARAMS_FILE, overrides, run_overrides=False)
 
-    ingest_task(root)
-    validate_task(root)
-    version_task(root)
-    train_task(root)
-    metrics = evaluate_task(root)
-    promotion = promote_task(root)
+    with stages.restore_on_failure(root, [stages.LANDING_DIR, stages.VALIDATION_REPORT]):
+        ingest_task(root, params.ingest)
+        validate_task(root, params.validate)
+    version_task(root, overrides)
+    train_task(root, params.train, params.tracking)
+    metrics = evaluate_task(root, params.evaluate)
+    promotion = promote_task(root, params.promote, params.tracking)
 
     rows = stages.summary_rows(metrics)
     create_table_artifact(
@@ -143,8 +181,8 @@ def bidfcl_pipeline(
     return {
         "rows": rows,
         "promotion": promotion,
-        "curves": str(root / stages.CURVES_DIR),
-        "metrics": str(root / stages.METRICS_DIR),
+        "curves": str(root / stages.BUDGET_VALUE_PNG),
+        "metrics": str(root / stages.METRICS_FILE),
     }
 
 
@@ -193,7 +231,7 @@ def main() -> None:
         f"held-out {holdout['table']} (md5 {holdout['md5'][:8]}) has now served "
         f"{holdout['decisions']} gate decision(s); a new RCT batch refreshes it"
     )
-    print(f"metrics: {result['metrics']}/   budget-value curves: {result['curves']}/")
+    print(f"metrics: {result['metrics']}   budget-value curves: {result['curves']}")
     print(f"MLflow: mlflow ui --backend-store-uri {promotion['tracking_uri']}")
 
 

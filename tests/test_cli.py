@@ -24,7 +24,9 @@ def test_simulate_validate_summarize(tmp_path: Path) -> None:
     assert (data / "truth.parquet").exists()
 
     report = tmp_path / "report.json"
-    result = runner.invoke(app, ["validate", str(data), "--report", str(report)])
+    result = runner.invoke(
+        app, ["validate", str(data), "--report", str(report), "--data-docs", str(tmp_path / "docs")]
+    )
     assert result.exit_code == 0, result.output
     assert json.loads(report.read_text())["passed"] is True
 
@@ -48,7 +50,17 @@ def test_validate_exits_non_zero_and_names_column_and_rule(
     frame.to_parquet(path, index=False)
 
     report = tmp_path / "report.json"
-    result = runner.invoke(app, ["validate", str(dataset_copy), "--report", str(report)])
+    result = runner.invoke(
+        app,
+        [
+            "validate",
+            str(dataset_copy),
+            "--report",
+            str(report),
+            "--data-docs",
+            str(tmp_path / "docs"),
+        ],
+    )
     assert result.exit_code == 1
     assert "rct_test.parquet" in result.output and "revenue" in result.output
     failures = json.loads(report.read_text())["failures"]

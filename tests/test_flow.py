@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import shutil
+import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,13 +26,14 @@ from typer.testing import CliRunner
 
 from bidfcl import registry, stages
 from bidfcl.cli import app
-from bidfcl.gate import PromoteParams
-from bidfcl.params import load_params
+from bidfcl.params import RUN_PARAMS_FILE, TrackingParams, load_params
 from bidfcl.scoring import allocate_file
 from test_stages import REPO, make_project
 
 FLOW_FILE = REPO / "flows" / "bidfcl_flow.py"
 MODEL_NAME = "bidfcl-uplift"
+GIT_COMMIT = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q"]
+COMMITTED_RESULTS = (stages.PROMOTION_FILE, stages.VALIDATION_REPORT)
 
 
 @pytest.fixture(scope="session")
@@ -58,9 +60,10 @@ class Runs:
     batch: Path
     first: dict[str, Any]
     second: dict[str, Any]
+    params_yaml: bytes  # params.yaml before the runs
 
     def client(self) -> MlflowClient:
-        uri = registry.tracking_uri(self.root, PromoteParams())
+        uri = registry.tracking_uri(self.root, TrackingParams().uri)
         return MlflowClient(uri, uri)
 
 
@@ -81,10 +84,16 @@ def runs(
         base / "project",
         train={"method": "tsm-rct", "max_epochs": 2, "patience": 1, "baselines": []},
     )
+    subprocess.run(
+        [*GIT_COMMIT, "--allow-empty", "-m", "project"],
+        cwd=root,
+        check=True,
+    )
+    params_yaml = (root / "params.yaml").read_bytes()
     flow = flow_module.bidfcl_pipeline
     first = flow(project_dir=str(root), data_path=str(batch))
     second = flow(project_dir=str(root), data_path=str(batch))
-    return Runs(root, batch, first, second)
+    return Runs(root, batch, first, second, params_yaml)
 
 
 @pytest.fixture(scope="module")
@@ -101,11 +110,66 @@ def dvc_status(root: Path) -> dict:
 
 
 def fingerprint(root: Path) -> dict[str, str]:
-    """Hashes of every artifact a failed run must leave alone."""
-    paths = [root / "data.dvc", root / "dvc.lock", root / stages.PROMOTION_FILE]
-    for folder in (stages.RAW_DIR, stages.MODELS_DIR, stages.METRICS_DIR):
+    """Hashes of every file a rejected batch must leave alone."""
+    paths = [
+        root / name
+        for name in ("params.yaml", RUN_PARAMS_FILE, "data.dvc", "dvc.lock", *COMMITTED_RESULTS)
+    ]
+    for folder in (stages.LANDING_DIR, stages.RAW_DIR, stages.MODELS_DIR, stages.METRICS_DIR):
         paths += sorted(p for p in (root / folder).rglob("*") if p.is_file())
     return {str(p.relative_to(root)): hashlib.md5(p.read_bytes()).hexdigest() for p in paths}
+
+
+def aliases(client: MlflowClient) -> dict[str, str]:
+    return {
+        alias: str(client.get_model_version_by_alias(MODEL_NAME, alias).version)
+        for alias in client.get_registered_model(MODEL_NAME).aliases
+    }
+
+
+def test_the_flow_records_its_overrides_without_writing_params_yaml(runs: Runs) -> None:
+    assert (runs.root / "params.yaml").read_bytes() == runs.params_yaml
+    recorded = yaml.safe_load((runs.root / RUN_PARAMS_FILE).read_text())
+    assert recorded["ingest"] == {"source": str(runs.batch.resolve())}
+    lock = yaml.safe_load((runs.root / "dvc.lock").read_text())
+    assert lock["stages"]["ingest"]["params"][RUN_PARAMS_FILE] == {"ingest": recorded["ingest"]}
+    # what `dvc repro` and `bidfcl stage` now read is what the run used
+    assert load_params(runs.root / "params.yaml").ingest.source == str(runs.batch.resolve())
+
+
+def test_training_is_tracked_live_with_its_data_and_code(runs: Runs) -> None:
+    client = runs.client()
+    run_id = runs.second["promotion"]["runs"]["tsm-rct"]["run_id"]
+    run = client.get_run(run_id)
+    assert run.data.tags["method"] == "tsm-rct"
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=runs.root, capture_output=True, text=True, check=True
+    )
+    assert run.data.tags["mlflow.source.git.commit"] == head.stdout.strip()
+    [dataset] = run.inputs.dataset_inputs
+    dvc_md5 = yaml.safe_load((runs.root / "data.dvc").read_text())["outs"][0]["md5"]
+    assert dataset.dataset.digest == dvc_md5
+    history = client.get_metric_history(run_id, "val_loss")
+    assert [m.step for m in history] == list(range(len(history))) and len(history) >= 1
+    assert all(m.value > 0 for m in client.get_metric_history(run_id, "epoch_seconds"))
+    assert "deployed_value" in run.data.metrics  # the promote stage scored the same run
+    assert (
+        run.info.start_time
+        < client.get_run(runs.second["promotion"]["runs"]["tsm-rct"]["run_id"]).info.end_time
+    )
+
+
+def test_every_epoch_is_a_log_line_and_moves_a_progress_artifact() -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterLevel
+
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(log_filter=LogFilter(level=LogFilterLevel(ge_=20)))
+    lines = [log.message for log in logs if "epoch" in log.message]
+    assert any(line.startswith("tsm-rct: epoch 1/2 train_loss") for line in lines), lines
+    progress = flow_artifacts("training-progress")
+    assert progress and all(artifact.type == "progress" for artifact in progress)
+    assert {float(artifact.data) for artifact in progress} == {100.0}
 
 
 def test_first_run_completes_and_promotes_exactly_one_champion(runs: Runs) -> None:
@@ -225,6 +289,7 @@ def test_a_corrupt_batch_stops_at_validation_and_touches_nothing(
     frame.loc[frame.index[:5], "treatment"] = 9
     frame.to_parquet(corrupt / "rct_train.parquet", index=False)
     before = fingerprint(runs.root)
+    before_aliases = aliases(runs.client())
     n_versions = len(runs.client().search_model_versions(f"name='{MODEL_NAME}'"))
 
     state = flow_module.bidfcl_pipeline(
@@ -234,12 +299,12 @@ def test_a_corrupt_batch_stops_at_validation_and_touches_nothing(
     assert state.is_failed()
     with pytest.raises(stages.ValidationFailed, match=r"rct_train\.parquet.*treatment"):
         state.result()
-    report = yaml.safe_load((runs.root / stages.VALIDATION_REPORT).read_text())
-    assert not report["passed"]
+    # data/landing, the report, params files, dvc.lock, data, models, metrics: as they were
     assert fingerprint(runs.root) == before
+    assert not list(runs.root.glob(".snapshot.*"))
     assert any("rct_train.parquet" in str(a.data) for a in flow_artifacts("validation-report"))
     assert len(runs.client().search_model_versions(f"name='{MODEL_NAME}'")) == n_versions
-    assert str(runs.client().get_model_version_by_alias(MODEL_NAME, "champion").version) == "1"
+    assert aliases(runs.client()) == before_aliases
 
 
 def test_the_nightly_deployment_matches_prefect_yaml(flow_module: ModuleType) -> None:
@@ -273,17 +338,15 @@ def test_only_transient_errors_are_retried(flow_module: ModuleType) -> None:
 
 def test_a_retried_promotion_reuses_its_runs_and_version(runs: Runs) -> None:
     """Last in this file: it adds a version to the shared registry."""
-    params = load_params(runs.root / "params.yaml").promote
+    params = load_params(runs.root / "params.yaml")
     client = runs.client()
+    experiment = client.get_experiment_by_name(params.tracking.experiment)
+    assert experiment is not None
+    n_runs = len(client.search_runs([experiment.experiment_id]))
     before = len(client.search_model_versions(f"name='{MODEL_NAME}'"))
-    first = stages.promote(runs.root, params, promotion_key="flow-run-7")
-    again = stages.promote(runs.root, params, promotion_key="flow-run-7")
+    first = stages.promote(runs.root, params.promote, params.tracking, promotion_key="flow-run-7")
+    again = stages.promote(runs.root, params.promote, params.tracking, promotion_key="flow-run-7")
     assert again["version"] == first["version"] and again["runs"] == first["runs"]
     assert len(client.search_model_versions(f"name='{MODEL_NAME}'")) == before + 1
     assert again["holdout"]["decisions"] == first["holdout"]["decisions"]
-    experiment = client.get_experiment_by_name(params.experiment)
-    assert experiment is not None
-    logged = client.search_runs(
-        [experiment.experiment_id], filter_string="tags.promotion_key = 'flow-run-7'"
-    )
-    assert len(logged) == len(first["runs"])
+    assert len(client.search_runs([experiment.experiment_id])) == n_runs  # scored, not re-logged

@@ -9,7 +9,13 @@ import pytest
 import yaml
 
 from bidfcl.methods import METHODS
-from bidfcl.params import load_params, parse_params, set_params
+from bidfcl.params import (
+    RUN_PARAMS_FILE,
+    load_params,
+    parse_params,
+    read_run_overrides,
+    write_run_overrides,
+)
 from bidfcl.train_config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,25 +71,34 @@ def test_library_defaults_are_the_shipped_params() -> None:
     assert differing <= {"method", "num_threads"}
     shipped_params = load_params(PARAMS_FILE)
     defaults_params = parse_params({})
-    for section in ("ingest", "evaluate", "promote"):
+    for section in ("ingest", "evaluate", "promote", "tracking"):
         assert getattr(shipped_params, section) == getattr(defaults_params, section), section
 
 
-def test_set_params_keeps_comments_and_other_sections(tmp_path: Path) -> None:
+def test_run_overrides_are_read_after_params_yaml_and_leave_it_untouched(tmp_path: Path) -> None:
     path = tmp_path / "params.yaml"
     shutil.copy(PARAMS_FILE, path)
-    set_params(path, {"ingest.source": "/data/batch-7", "evaluate.budget": 2.5})
+    before = path.read_bytes()
+    write_run_overrides(tmp_path, {"ingest.source": "/data/batch-7", "evaluate.budget": 2.5})
+    assert path.read_bytes() == before
     params = load_params(path)
     assert params.ingest.source == "/data/batch-7"
     assert params.evaluate.budget == 2.5
     assert params.train == load_params(PARAMS_FILE).train
-    assert "# Sections below are read by the pipeline stages" in path.read_text()
+    # a new flow run starts from params.yaml alone; explicit overrides win over recorded ones
+    assert load_params(path, run_overrides=False).evaluate.budget is None
+    assert load_params(path, {"evaluate.budget": 1.0}).evaluate.budget == 1.0
+    recorded = yaml.safe_load((tmp_path / RUN_PARAMS_FILE).read_text())
+    assert recorded == {
+        "ingest": {"source": "/data/batch-7"},
+        "evaluate": {"budget": 2.5},
+        "train": {},
+    }
 
 
-def test_every_dvc_stage_reads_an_existing_params_section() -> None:
-    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    sections = set(yaml.safe_load(PARAMS_FILE.read_text()))
-    for name, stage in stages.items():
-        assert stage["cmd"] == f"bidfcl stage {name}"
-        assert stage["params"] == [name]
-        assert name in sections
+def test_only_the_flows_sections_can_be_overridden(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"promote\.margin"):
+        write_run_overrides(tmp_path, {"promote.margin": 1.0})
+    (tmp_path / RUN_PARAMS_FILE).write_text("promote: {margin: 1.0}\n")
+    with pytest.raises(ValueError, match="promote"):
+        read_run_overrides(tmp_path)

@@ -9,7 +9,7 @@ import mlflow
 import pandas as pd
 import pytest
 
-from bidfcl import registry
+from bidfcl import registry, serving
 from bidfcl.gate import PromoteParams
 from bidfcl.model import UpliftModel
 
@@ -23,9 +23,9 @@ def test_a_model_registered_before_the_restructure_loads_as_champion(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    config = PromoteParams(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    config = PromoteParams()
     logged = shutil.copytree(LEGACY_MODEL, tmp_path / "logged")
-    with registry.tracking(tmp_path, config) as client:
+    with registry.tracking(tmp_path, "sqlite:///mlflow.db", "bidfcl") as client:
         client.create_registered_model(config.model_name)
         version = client.create_model_version(config.model_name, source=str(logged))
         client.set_registered_model_alias(config.model_name, registry.CHAMPION, version.version)
@@ -39,7 +39,7 @@ def test_a_model_registered_before_the_restructure_loads_as_champion(
         columns=saved.feature_columns,
     )
     predicted = loaded.predict(users)
-    pd.testing.assert_frame_equal(predicted, registry.predictions_frame(saved, users))
+    pd.testing.assert_frame_equal(predicted, serving.predictions_frame(saved, users))
     assert list(predicted.columns) == [
         f"{kind}_{arm}" for kind in ("revenue", "cost") for arm in range(saved.n_treatments)
     ]

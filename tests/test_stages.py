@@ -12,17 +12,30 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
 import yaml
 
 from bidfcl import stages
-from bidfcl.params import IngestParams, ValidateParams, set_params
+from bidfcl.io import write_json
+from bidfcl.methods import train_to_folder
+from bidfcl.params import EvaluateParams, IngestParams, ValidateParams, load_params
+from bidfcl.train_config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
-PROJECT_FILES = ("dvc.yaml", "params.yaml", "data.dvc", ".dvcignore", "expectations", "src")
+PROJECT_FILES = (
+    "dvc.yaml",
+    "params.yaml",
+    "params.run.yaml",
+    "data.dvc",
+    ".dvcignore",
+    "expectations",
+    "src",
+)
 FAST_TRAIN = {"max_epochs": 2, "warm_start_epochs": 1, "patience": 1}
 
 
@@ -40,14 +53,10 @@ def make_project(dest: Path, **sections: dict) -> Path:
         shutil.copy(REPO / ".dvc" / name, dest / ".dvc" / name)
     (dest / ".gitignore").write_text("/mlruns/\n/mlflow.db\n")
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
-    set_params(
-        dest / "params.yaml",
-        {
-            f"{name}.{key}": value
-            for name, items in sections.items()
-            for key, value in items.items()
-        },
-    )
+    params = yaml.safe_load((dest / "params.yaml").read_text())
+    for name, items in sections.items():
+        params[name] |= items
+    (dest / "params.yaml").write_text(yaml.safe_dump(params))
     return dest
 
 
@@ -57,17 +66,18 @@ def make_project(dest: Path, **sections: dict) -> Path:
 STAGE_ENTRY_MODULES = {
     "ingest": ("simulate",),
     "validate": ("validation",),
-    "train": ("methods",),
-    "evaluate": ("scoring",),
+    "train": ("methods", "learner", "registry"),
+    "evaluate": ("scoring", "plots"),
     "promote": ("registry", "gate", "scoring"),
 }
 
 
 def bidfcl_imports(module: str) -> set[str]:
-    """The bidfcl modules ``module`` imports anywhere in its source (deferred imports too)."""
+    """The bidfcl modules ``module`` imports anywhere in its source (deferred imports too),
+    except under ``if TYPE_CHECKING:`` (for annotations only: that code never runs)."""
     tree = ast.parse((REPO / "src" / "bidfcl" / f"{module}.py").read_text())
     found: set[str] = set()
-    for node in ast.walk(tree):
+    for node in runtime_nodes(tree):
         if isinstance(node, ast.ImportFrom) and node.module == "bidfcl":
             found |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("bidfcl."):
@@ -75,6 +85,14 @@ def bidfcl_imports(module: str) -> set[str]:
         elif isinstance(node, ast.Import):
             found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("bidfcl.")}
     return {m for m in found if (REPO / "src" / "bidfcl" / f"{m}.py").exists()}
+
+
+def runtime_nodes(node: ast.AST) -> Iterator[ast.AST]:
+    yield node
+    for child in ast.iter_child_nodes(node):
+        test = child.test if isinstance(child, ast.If) else None
+        if not (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING"):
+            yield from runtime_nodes(child)
 
 
 def import_closure(modules: tuple[str, ...]) -> set[str]:
@@ -95,6 +113,30 @@ def test_each_dvc_stage_lists_exactly_the_code_it_runs_as_deps() -> None:
         listed = {Path(dep).stem for dep in declared[name]["deps"] if dep.startswith("src/bidfcl/")}
         assert all((REPO / "src" / "bidfcl" / f"{m}.py").exists() for m in listed), name
         assert listed == import_closure(entry) | {"stages", "params"}, name
+
+
+def test_dvc_plots_and_metrics_are_the_files_evaluate_writes() -> None:
+    spec = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    evaluate, promote = spec["stages"]["evaluate"], spec["stages"]["promote"]
+    declared = {
+        kind: {next(iter(o)) if isinstance(o, dict) else o for o in evaluate.get(kind, [])}
+        for kind in ("outs", "metrics", "plots")
+    }
+    assert declared == {
+        "outs": {
+            str(stages.METRICS_DIR),
+            str(stages.CURVES_DIR),
+            str(stages.BUDGET_VALUE_FILE),
+        },
+        "metrics": {str(stages.METRICS_FILE)},
+        "plots": {str(stages.BUDGET_VALUE_PNG)},
+    }
+    assert {str(stages.METRICS_DIR), str(stages.CURVES_DIR)} <= set(promote["deps"])
+    [top] = spec["plots"]  # one chart of every method, whatever train.method trained
+    [(_, props)] = top.items()
+    assert set(props["y"]) == {str(stages.BUDGET_VALUE_FILE)}
+    assert (REPO / ".dvc" / "plots" / f"{props['template']}.json").exists()
+    assert props["title"] and props["x_label"] and props["y_label"]
 
 
 # --------------------------------------------------------------------------- stages
@@ -124,6 +166,77 @@ def test_validate_stops_on_a_corrupt_batch_with_a_report(
     assert "revenue" in str(failure.value)
     report = json.loads((root / stages.VALIDATION_REPORT).read_text())
     assert not report["passed"]
+
+
+@pytest.fixture(scope="module")
+def trained_root(small_dataset_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A project with data/raw and three quickly trained models: two candidates, one baseline."""
+    root = tmp_path_factory.mktemp("project")
+    shutil.copytree(small_dataset_dir, root / stages.RAW_DIR)
+    for method in ("tsm-obs", "tsm-both", "tsm-rct"):
+        config = TrainConfig(method=method, max_epochs=2, num_threads=1)
+        train_to_folder(root / stages.RAW_DIR, root / stages.MODELS_DIR / method, config, False)
+    return root
+
+
+def evaluate_candidate(root: Path, candidate: str) -> dict[str, Any]:
+    """Evaluate ``candidate`` beside the tsm-rct baseline; metrics.json's leaves by DVC name."""
+    manifest = {"candidate": candidate, "methods": [candidate, "tsm-rct"]}
+    write_json(root / stages.MODELS_DIR / stages.MANIFEST_FILE, manifest)
+    stages.evaluate(root, EvaluateParams())
+    return dict(dotted(json.loads((root / stages.METRICS_FILE).read_text())))
+
+
+def dotted(tree: dict[str, Any], prefix: str = "") -> Any:
+    """(name, value) of every leaf, named the way DVC flattens nested metrics."""
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from dotted(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def template_fields(spec: Any) -> Any:
+    """Every ``field`` a Vega-Lite spec encodes (DVC adds ``rev``; anchors are filled in)."""
+    if isinstance(spec, dict):
+        if isinstance(spec.get("field"), str):
+            yield spec["field"]
+        for value in spec.values():
+            yield from template_fields(value)
+    elif isinstance(spec, list):
+        for value in spec:
+            yield from template_fields(value)
+
+
+def test_evaluate_metrics_keep_their_names_when_the_candidate_changes(trained_root: Path) -> None:
+    first = evaluate_candidate(trained_root, "tsm-obs")
+    second = evaluate_candidate(trained_root, "tsm-both")
+    assert first.keys() == second.keys()
+    assert {"budget", "candidate.paired_ci_low", "baselines.tsm-rct.deployed_value"} <= set(first)
+    assert all(type(v) in (int, float) for v in [*first.values(), *second.values()])
+    # every key applies on simulated data with a reference, so the default pipeline's three
+    # methods give 1 + 3 * len(DVC_METRIC_KEYS) columns in `dvc exp show`
+    assert len(first) == 1 + 2 * len(stages.DVC_METRIC_KEYS)
+    default_methods = load_params(REPO / "params.yaml").train.methods
+    assert 1 + len(default_methods) * len(stages.DVC_METRIC_KEYS) <= 40
+    scores = stages.read_metrics(trained_root)  # the full records promote reads
+    assert list(scores) == ["tsm-both", "tsm-rct"] and scores["tsm-both"].method == "tsm-both"
+    assert scores["tsm-both"].deployed_value == second["candidate.deployed_value"]
+
+
+def test_evaluate_draws_every_method_in_one_plot(trained_root: Path) -> None:
+    evaluate_candidate(trained_root, "tsm-obs")
+    rows = json.loads((trained_root / stages.BUDGET_VALUE_FILE).read_text())
+    assert {row["method"] for row in rows} == {"tsm-obs", "tsm-rct"}
+    assert len({tuple(row) for row in rows}) == 1  # DVC reads rows with the same fields only
+    [plot] = yaml.safe_load((REPO / "dvc.yaml").read_text())["plots"]
+    [props] = plot.values()
+    template = json.loads((REPO / ".dvc" / "plots" / f"{props['template']}.json").read_text())
+    named = {f for f in template_fields(template) if not f.startswith("<DVC_") and f != "rev"}
+    assert {props["x"], *props["y"].values(), *named} <= set(rows[0])
+    assert "method" in named  # one colour per method
+    png = (trained_root / stages.BUDGET_VALUE_PNG).read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n")
 
 
 @pytest.mark.slow
@@ -162,4 +275,6 @@ def test_dvc_repro_runs_everything_then_nothing_and_exp_run_overrides(
     run("exp", "run", "-S", "train.method=dfcl-ppl")
     manifest = json.loads((root / "models" / "manifest.json").read_text())
     assert manifest == {"candidate": "dfcl-ppl", "methods": ["dfcl-ppl", "tsm-rct"]}
-    assert (root / "results" / "metrics" / "dfcl-ppl.json").exists()
+    assert (root / stages.METRICS_DIR / "dfcl-ppl.json").exists()
+    metrics = json.loads((root / stages.METRICS_FILE).read_text())
+    assert set(metrics["baselines"]) == {"tsm-rct"}

@@ -7,20 +7,32 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import great_expectations as gx
 import numpy as np
 import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from bidfcl.cli import app
-from bidfcl.contract import META_FILE, table_file
-from bidfcl.validation import (
+from bidfcl.cli import app, main
+from bidfcl.contract import META_FILE, DatasetMeta, table_file
+from bidfcl.gx_expectations import (
     FREQUENCY_MIN_P,
+    FeatureBalanceSmd,
+    TreatmentFrequencyMatchesPropensity,
+    arm_frequencies,
+)
+from bidfcl.validation import (
     ValidationReport,
-    _frequency_check,
+    build_suite,
     default_suites_dir,
+    resolve_template,
     validate_dataset,
     write_report,
+)
+
+RANDOMIZATION_RULES = (
+    TreatmentFrequencyMatchesPropensity.expectation_type,
+    FeatureBalanceSmd.expectation_type,
 )
 
 
@@ -257,7 +269,17 @@ def test_cli_exits_non_zero_and_writes_report_outside_data(
     before = _hashes(dataset_copy)
     report_path = tmp_path / "reports" / "validation.json"
 
-    result = CliRunner().invoke(app, ["validate", str(dataset_copy), "--report", str(report_path)])
+    result = CliRunner().invoke(
+        app,
+        [
+            "validate",
+            str(dataset_copy),
+            "--report",
+            str(report_path),
+            "--data-docs",
+            str(tmp_path / "docs"),
+        ],
+    )
 
     assert result.exit_code == 1
     assert "propensity" in result.output
@@ -319,10 +341,99 @@ def test_frequency_check_accepts_unequal_designed_propensities() -> None:
     onehot = np.stack([~treated, treated], axis=1)
     propensity = np.where(treated, p_treated, 1 - p_treated)
 
-    failures, arms = _frequency_check("rct_train.parquet", onehot, propensity)
-    assert failures == []
+    arms = arm_frequencies(onehot, propensity, [0, 1])
     assert all(arm["p_value"] > FREQUENCY_MIN_P for arm in arms)
 
     claimed_uniform = np.full(n, 0.5)
-    failures, _ = _frequency_check("rct_train.parquet", onehot, claimed_uniform)
-    assert [f.rule for f in failures] == ["treatment_frequency_matches_propensity"]
+    arms = arm_frequencies(onehot, claimed_uniform, [0, 1])
+    assert min(arm["p_value"] for arm in arms) < FREQUENCY_MIN_P
+
+
+def _triple_arm_one(frame: pd.DataFrame) -> pd.DataFrame:
+    """Arm 1 assigned three times as often as its declared propensity says (copies, new ids)."""
+    arm_one = frame[frame["treatment"] == 1]
+    new_ids = 10**9 + np.arange(2 * len(arm_one)).reshape(2, -1)  # no table holds these
+    copies = [arm_one.assign(user_id=ids) for ids in new_ids]
+    return pd.concat([frame, *copies], ignore_index=True)
+
+
+@pytest.mark.parametrize("name", ["meta", "obs", "rct"])
+def test_each_template_resolves_into_a_real_gx_suite(name: str, small_dataset_dir: Path) -> None:
+    template = json.loads((default_suites_dir() / f"{name}.json").read_text())
+    meta = DatasetMeta.from_dict(json.loads((small_dataset_dir / META_FILE).read_text()))
+
+    resolved = resolve_template(template, meta)
+    suite = gx.ExpectationSuite(**resolved)
+
+    assert isinstance(suite, gx.ExpectationSuite)
+    assert "$" not in json.dumps([e["kwargs"] for e in resolved["expectations"]])
+    assert build_suite(template, meta, name="x").to_json_dict() == {
+        **suite.to_json_dict(),
+        "name": "x",
+    }
+    if name != "meta":  # the raw template carries placeholders, which GX rejects
+        with pytest.raises(ValueError):
+            gx.ExpectationSuite(**template)
+    if name == "rct":
+        types = [e.expectation_type for e in suite.expectations]
+        assert types.count(TreatmentFrequencyMatchesPropensity.expectation_type) == 1
+        assert types.count(FeatureBalanceSmd.expectation_type) == len(meta.feature_columns)
+
+
+def test_validate_writes_data_docs_that_show_the_randomization_rules(
+    small_dataset_dir: Path, tmp_path: Path
+) -> None:
+    docs = tmp_path / "data_docs"
+    args = ["validate", str(small_dataset_dir), "--report", str(tmp_path / "report.json")]
+
+    result = CliRunner().invoke(app, [*args, "--data-docs", str(docs)])
+
+    assert result.exit_code == 0, result.output
+    assert f"Data Docs at {docs / 'index.html'}" in result.output
+    assert (docs / "index.html").is_file()
+    html = " ".join(page.read_text() for page in docs.rglob("*.html"))
+    assert all(rule in html for rule in RANDOMIZATION_RULES)
+
+
+def test_randomization_failure_is_the_custom_rules_one_line(
+    dataset_copy: Path, tmp_path: Path
+) -> None:
+    _edit_table(dataset_copy, "rct_train", _triple_arm_one)
+    docs = tmp_path / "data_docs"
+
+    report = validate_dataset(dataset_copy, data_docs=docs)
+
+    (failure,) = report.failures
+    frequency = report.details["randomization"]["rct_train"]["frequency"]
+    bad = [arm for arm in frequency if arm["p_value"] < FREQUENCY_MIN_P]
+    assert 1 in [arm["arm"] for arm in bad]
+    examples = [
+        f"arm {a['arm']}: {a['rows']} rows weigh {a['weighted_count']:.0f} (p={a['p_value']:.1e})"
+        for a in bad
+    ]
+    assert failure.message == (
+        "rct_train.parquet: column 'propensity' breaks treatment_frequency_matches_propensity "
+        f"(inverse-propensity-weighted arm counts differ from the {frequency[0]['expected']} "
+        f"rows, p < 0.0001) in {sum(a['rows'] for a in bad)} row(s); e.g. {', '.join(examples)}"
+    )
+    assert failure.message in report.render()
+    (page,) = (docs / "validations" / "rct_train").rglob("*.html")
+    assert examples[0] in page.read_text()
+
+
+def test_cli_on_a_corrupt_dataset_prints_no_traceback(
+    dataset_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _edit_meta(dataset_copy, lambda m: m.update(n_treatments="five"))
+    _edit_table(dataset_copy, "obs", lambda f: f.assign(x2=f["x2"].astype(str)))
+    _edit_table(dataset_copy, "rct_val", lambda f: f.drop(columns=["cost", "treatment"]))
+    (dataset_copy / table_file("rct_test")).write_bytes(b"not a parquet file")
+    docs = tmp_path / "data_docs"
+    args = ["validate", str(dataset_copy), "--report", str(tmp_path / "report.json")]
+
+    assert main([*args, "--data-docs", str(docs)]) == 1
+
+    captured = capsys.readouterr()
+    assert "FAILED" in captured.out and "readable_parquet" in captured.out
+    assert "Traceback" not in captured.out + captured.err
+    assert (docs / "index.html").is_file()

@@ -132,15 +132,20 @@ def validate(
         Path | None,
         typer.Option(help="JSON report path [default: reports/validation/NAME.json]."),
     ] = None,
+    data_docs: Annotated[
+        Path, typer.Option(help="Folder for the Great Expectations Data Docs (HTML).")
+    ] = Path("reports") / "data_docs",
 ) -> None:
     """Check a dataset folder against the data contract; exit 1 on any failure."""
     from bidfcl.validation import validate_dataset, write_report
 
-    result = validate_dataset(data_dir)
+    result = validate_dataset(data_dir, data_docs=data_docs)
     report_path = report or Path("reports") / "validation" / f"{data_dir.resolve().name}.json"
     write_report(result, report_path)
     typer.echo(result.render())
     typer.echo(f"report written to {report_path}")
+    if "data_docs" in result.details:
+        typer.echo(f"Data Docs at {result.details['data_docs']}")
     if not result.passed:
         raise typer.Exit(code=1)
 
@@ -352,7 +357,8 @@ def _local_model(ref: str, params: Path, root: Path = Path(".")) -> Path:
     from bidfcl.params import load_params
     from bidfcl.registry import resolve_model_uri, tracking
 
-    with tracking(root, load_params(params).promote):
+    settings = load_params(params).tracking
+    with tracking(root, settings.uri, settings.experiment):
         return resolve_model_uri(ref)
 
 
@@ -405,16 +411,23 @@ def stage_version(root: RootOption = Path(".")) -> None:
 def stage_train(root: RootOption = Path("."), params: ParamsOption = Path("params.yaml")) -> None:
     """Train train.method and train.baselines on data/raw into models/."""
     from bidfcl.params import load_params
-    from bidfcl.stages import train
+    from bidfcl.stages import epoch_line, train
 
-    typer.echo(f"trained {', '.join(train(root, load_params(params).train, progress=True))}")
+    settings = load_params(params)
+    trained = train(
+        root,
+        settings.train,
+        settings.tracking,
+        on_epoch=lambda method, summary: typer.echo(epoch_line(method, summary)),
+    )
+    typer.echo(f"trained {', '.join(trained)}")
 
 
 @stage_app.command("evaluate")
 def stage_evaluate(
     root: RootOption = Path("."), params: ParamsOption = Path("params.yaml")
 ) -> None:
-    """Score every trained model on held-out RCT: results/metrics and results/curves."""
+    """Score every trained model on held-out RCT: results/scores, curves, metrics.json, plots."""
     from bidfcl.params import load_params
     from bidfcl.stages import evaluate, render_table, summary_rows
 
@@ -423,11 +436,13 @@ def stage_evaluate(
 
 @stage_app.command("promote")
 def stage_promote(root: RootOption = Path("."), params: ParamsOption = Path("params.yaml")) -> None:
-    """Log runs to MLflow, register the candidate as challenger, apply the champion gate."""
+    """Score the training runs in MLflow, register the candidate as challenger, apply the
+    champion gate (inside a DVC experiment: nothing is registered)."""
     from bidfcl.params import load_params
     from bidfcl.stages import promote
 
-    promotion = promote(root, load_params(params).promote)
+    settings = load_params(params)
+    promotion = promote(root, settings.promote, settings.tracking)
     typer.echo(
         f"{promotion['model_name']} version {promotion['version']} ({promotion['method']}) "
         f"{promotion['decision']}: {promotion['reason']}; champion is version "

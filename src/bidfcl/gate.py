@@ -21,15 +21,10 @@ from bidfcl.scoring import Metrics
 
 @dataclass(frozen=True)
 class PromoteParams:
-    """``promote:`` — registry name, the gate's margin, confidence level, spend tolerance
-    and the baseline a first model must beat.
-
-    ``tracking_uri`` is relative to the project root; ``MLFLOW_TRACKING_URI`` overrides it.
-    """
+    """``promote:`` — registered model name, the gate's margin, confidence level, spend
+    tolerance and the baseline a first model must beat."""
 
     model_name: str = "bidfcl-uplift"
-    experiment: str = "bidfcl"
-    tracking_uri: str = "sqlite:///mlflow.db"
     margin: float = 0.0
     alpha: float = 0.05
     cost_tolerance: float = 0.10

@@ -13,7 +13,9 @@ epoch. The checkpoint kept, and the number early stopping watches, is the epoch'
 
 Both are logged every epoch. :func:`fit_learner` runs the Trainer and describes the run in
 the model's metadata; :func:`scoped_torch_settings` keeps training's thread and determinism
-settings from leaking into the rest of the process.
+settings from leaking into the rest of the process. Whoever runs training (a pipeline stage,
+a benchmark) watches it epoch by epoch through :func:`observe_training`, without every fit
+function passing the observer along.
 """
 
 from __future__ import annotations
@@ -23,11 +25,13 @@ import logging
 import math
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import EarlyStopping
+from lightning.pytorch.callbacks import Callback, EarlyStopping
 from lightning.pytorch.loggers import CSVLogger
 
 from bidfcl.allocation import solve_mckp
@@ -37,6 +41,58 @@ from bidfcl.evaluation import expected_outcome_metric
 from bidfcl.losses import factual_mse
 from bidfcl.model import UpliftModel
 from bidfcl.train_config import SELECT_BY, TrainConfig
+
+
+@dataclass(frozen=True)
+class EpochSummary:
+    """One finished training epoch: the method the Trainer fits (a warm start or Teacher
+    phase names its own method), the epoch (from 0) out of at most ``max_epochs``, its
+    wall-clock seconds and the epoch's logged metrics (train_* and val_*)."""
+
+    method: str
+    epoch: int
+    max_epochs: int
+    seconds: float
+    metrics: dict[str, float]
+
+
+EpochObserver = Callable[[EpochSummary], None]
+_EPOCH_OBSERVER: ContextVar[EpochObserver | None] = ContextVar("epoch_observer", default=None)
+
+
+@contextlib.contextmanager
+def observe_training(observer: EpochObserver) -> Iterator[None]:
+    """Call ``observer`` after every epoch of every fit started inside the block."""
+    token = _EPOCH_OBSERVER.set(observer)
+    try:
+        yield
+    finally:
+        _EPOCH_OBSERVER.reset(token)
+
+
+class EpochReporter(Callback):
+    """Hands each finished epoch to an observer (at train-epoch end, after validation, so
+    the epoch's train and validation metrics are both in)."""
+
+    def __init__(self, method: str, observer: EpochObserver) -> None:
+        self.method = method
+        self.observer = observer
+        self.started = time.perf_counter()
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.started = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        metrics = {name: float(value) for name, value in trainer.callback_metrics.items()}
+        self.observer(
+            EpochSummary(
+                method=self.method,
+                epoch=trainer.current_epoch,
+                max_epochs=trainer.max_epochs or 0,
+                seconds=time.perf_counter() - self.started,
+                metrics=metrics,
+            )
+        )
 
 
 class UpliftLearner(L.LightningModule):
@@ -202,16 +258,18 @@ def make_trainer(config: TrainConfig, progress: bool) -> L.Trainer:
     deterministic: bool | str = config.deterministic
     if config.deterministic and use_cuda:
         deterministic = "warn"
+    callbacks: list[Callback] = [
+        EarlyStopping(monitor=monitor, mode="max" if maximize else "min", patience=config.patience)
+    ]
+    observer = _EPOCH_OBSERVER.get()
+    if observer is not None:
+        callbacks.append(EpochReporter(config.method, observer))
     return L.Trainer(
         accelerator=config.accelerator,
         devices=1,
         max_epochs=config.max_epochs,
         deterministic=deterministic,
-        callbacks=[
-            EarlyStopping(
-                monitor=monitor, mode="max" if maximize else "min", patience=config.patience
-            )
-        ],
+        callbacks=callbacks,
         enable_checkpointing=False,
         enable_progress_bar=progress,
         enable_model_summary=False,

@@ -17,10 +17,20 @@ import yaml
 
 from bidfcl.contract import RCT_TEST
 from bidfcl.gate import PromoteParams
+from bidfcl.io import atomic_write
 from bidfcl.methods import METHODS
 from bidfcl.train_config import TrainConfig
 
 PARAMS_FILE = "params.yaml"
+RUN_PARAMS_FILE = "params.run.yaml"
+"""Beside params.yaml: the last flow run's overrides (data path, budget), read after it."""
+RUN_PARAMS_SECTIONS = ("ingest", "train", "evaluate")
+RUN_PARAMS_HEADER = """\
+# Written by the pipeline flow (flows/bidfcl_flow.py): the overrides of params.yaml that its
+# last run used (--data-path, --budget). Every stage reads them after params.yaml, and
+# dvc.lock records them, so `dvc repro` reproduces that run. A run without overrides empties
+# them. Change settings in params.yaml, not here.
+"""
 SIMULATE = "simulate"
 SectionT = TypeVar("SectionT")
 
@@ -74,6 +84,17 @@ class EvaluateParams:
 
 
 @dataclass(frozen=True)
+class TrackingParams:
+    """``tracking:`` — the MLflow store every training run and the registry live in
+    (``uri`` relative to the project root; ``MLFLOW_TRACKING_URI`` overrides it) and the
+    experiment the runs are grouped under. Where runs are logged changes no result, so no
+    stage lists this section as a DVC param."""
+
+    uri: str = "sqlite:///mlflow.db"
+    experiment: str = "bidfcl"
+
+
+@dataclass(frozen=True)
 class Params:
     """The whole params file, one typed section per stage."""
 
@@ -82,19 +103,62 @@ class Params:
     train: TrainParams = field(default_factory=TrainParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     promote: PromoteParams = field(default_factory=PromoteParams)
+    tracking: TrackingParams = field(default_factory=TrackingParams)
 
 
 def load_params(
-    path: Path | str = PARAMS_FILE, overrides: Mapping[str, Any] | None = None
+    path: Path | str = PARAMS_FILE,
+    overrides: Mapping[str, Any] | None = None,
+    run_overrides: bool = True,
 ) -> Params:
-    """Read a params file (see :func:`parse_params` for ``overrides``)."""
+    """Read a params file, then (with ``run_overrides``) the overrides the last flow run
+    recorded in ``params.run.yaml`` beside it, then ``overrides`` (see :func:`parse_params`).
+
+    ``dvc repro`` and ``bidfcl stage`` thereby run with what the last flow run used, as
+    dvc.lock records it, while params.yaml stays as its owner wrote it.
+    """
     path = Path(path)
+    raw = _read_mapping(path)
+    recorded = read_run_overrides(path.parent) if run_overrides else {}
+    return parse_params(raw, {**recorded, **(overrides or {})}, origin=str(path))
+
+
+def read_run_overrides(root: Path) -> dict[str, Any]:
+    """The dotted overrides recorded in ``root/params.run.yaml`` ({} if there is none)."""
+    path = Path(root) / RUN_PARAMS_FILE
+    if not path.exists():
+        return {}
+    raw = _read_mapping(path)
+    unknown = sorted(set(raw) - set(RUN_PARAMS_SECTIONS))
+    if unknown:
+        raise ValueError(f"{path}: only {list(RUN_PARAMS_SECTIONS)} may be overridden: {unknown}")
+    return {
+        f"{section}.{key}": value
+        for section in RUN_PARAMS_SECTIONS
+        for key, value in _section(raw, section, str(path)).items()
+    }
+
+
+def write_run_overrides(root: Path, overrides: Mapping[str, Any]) -> None:
+    """Record a flow run's dotted overrides in ``root/params.run.yaml`` (every overridable
+    section present, so DVC finds the params each stage lists; a run without overrides
+    leaves them empty)."""
+    tree: dict[str, Any] = {section: {} for section in RUN_PARAMS_SECTIONS}
+    for dotted, value in overrides.items():
+        if dotted.split(".")[0] not in RUN_PARAMS_SECTIONS:
+            raise ValueError(f"{dotted}: only {list(RUN_PARAMS_SECTIONS)} may be overridden")
+        _assign(tree, dotted, value)
+    text = RUN_PARAMS_HEADER + yaml.safe_dump(tree, sort_keys=True)
+    atomic_write(Path(root) / RUN_PARAMS_FILE, lambda tmp: tmp.write_text(text))
+
+
+def _read_mapping(path: Path) -> dict[str, Any]:
     if not path.exists():
         raise FileNotFoundError(f"{path}: params file not found")
     raw = yaml.safe_load(path.read_text()) or {}
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: must hold a mapping of sections")
-    return parse_params(raw, overrides, origin=str(path))
+    return raw
 
 
 def parse_params(
@@ -128,19 +192,8 @@ def parse_params(
         train=train_params,
         evaluate=_typed(EvaluateParams, _section(raw, "evaluate", origin), "evaluate", origin),
         promote=_typed(PromoteParams, _section(raw, "promote", origin), "promote", origin),
+        tracking=_typed(TrackingParams, _section(raw, "tracking", origin), "tracking", origin),
     )
-
-
-def set_params(path: Path | str, values: Mapping[str, Any]) -> None:
-    """Set dotted keys (``ingest.source``) in the params file, keeping its comments.
-
-    The flow records a run's data path and budget here, so DVC's lock matches what ran.
-    """
-    from dvc.utils.serialize import modify_yaml
-
-    with modify_yaml(str(path)) as data:
-        for dotted, value in values.items():
-            _assign(data, dotted, value)
 
 
 def _assign(tree: Any, dotted: str, value: Any) -> None:

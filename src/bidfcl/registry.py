@@ -12,85 +12,97 @@ module's path, so registered models keep loading only while it stays here.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from importlib.metadata import version as installed_version
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlflow
 import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from bidfcl.gate import GateDecision, PromoteParams
 from bidfcl.model import MODEL_FILE, UpliftModel
-from bidfcl.scoring import Metrics
+from bidfcl.serving import UpliftAllocator, log_model
+
+if TYPE_CHECKING:  # annotations only: training runs log through here without the gate
+    from bidfcl.gate import GateDecision, PromoteParams
+    from bidfcl.learner import EpochSummary
+    from bidfcl.scoring import Metrics
 
 CHALLENGER = "challenger"
 CHAMPION = "champion"
-MODEL_ARTIFACT = "model"
-UPLIFT_ARTIFACT = "uplift_model"
 TRACKING_ENV = "MLFLOW_TRACKING_URI"
+DVC_EXPERIMENT_ENV = "DVC_EXP_NAME"  # set by DVC for every `dvc exp run` (also --temp, --queue)
+DVC_ROOT_ENV = "DVC_ROOT"  # for experiments, the repository they were started from
+EXPERIMENT_TAG = "dvc_experiment"
 HOLDOUT_TAG = "holdout"  # the md5 of the held-out table a gate decision was taken on
-# One promotion (a flow run, or one set of promote inputs) tags its runs and version with this
-# key, so a retried promotion finds what it already logged instead of logging it twice.
+# One promotion (a flow run, or one set of promote inputs) tags its version with this key, so
+# a retried promotion finds the version it registered instead of registering another.
 PROMOTION_TAG = "promotion_key"
 MODEL_URI_TAG = "model_uri"
-PINNED_PACKAGES = ("torch", "numpy", "pandas", "pyarrow", "mlflow")
 
 
-class UpliftPyfunc(mlflow.pyfunc.PythonModel):
-    """Predicted revenue and cost of every arm, as columns ``revenue_j`` and ``cost_j``."""
-
-    def load_context(self, context: Any) -> None:
-        self.model = UpliftModel.load(context.artifacts[UPLIFT_ARTIFACT])
-
-    def predict(self, context: Any, model_input: pd.DataFrame, params: Any = None) -> pd.DataFrame:
-        return predictions_frame(self.model, model_input)
+class UpliftPyfunc(UpliftAllocator):
+    """Exists so models registered before serving.py, pickled by this path, still load."""
 
 
-def predictions_frame(model: UpliftModel, features: pd.DataFrame) -> pd.DataFrame:
-    """The model's (N, M) revenue and cost predictions for a frame of feature columns."""
-    import numpy as np
-    import torch
-
-    x = torch.from_numpy(np.array(features[model.feature_columns].to_numpy(np.float32), copy=True))
-    revenue, cost = model.predict(x)
-    columns = {f"revenue_{j}": revenue[:, j].numpy() for j in range(model.n_treatments)}
-    columns |= {f"cost_{j}": cost[:, j].numpy() for j in range(model.n_treatments)}
-    return pd.DataFrame(columns, index=features.index)
+def dvc_experiment() -> str | None:
+    """The name of the DVC experiment this process runs in (``dvc exp run``, ``--temp`` or
+    ``--queue``), or None outside one."""
+    return os.environ.get(DVC_EXPERIMENT_ENV) or None
 
 
-def tracking_uri(root: Path, config: PromoteParams) -> str:
-    """``MLFLOW_TRACKING_URI`` if set, else ``promote.tracking_uri`` with a relative sqlite path
-    anchored at the project root."""
-    uri = os.environ.get(TRACKING_ENV) or config.tracking_uri
+def store_root(root: Path) -> Path:
+    """Where a relative sqlite store and its artifacts live: the project root, or for a DVC
+    experiment run in a temporary copy the repository it was started from (``DVC_ROOT``),
+    so the experiment's runs land in the project's store rather than in a throwaway one."""
+    if dvc_experiment() and os.environ.get(DVC_ROOT_ENV):
+        return Path(os.environ[DVC_ROOT_ENV])
+    return root
+
+
+def tracking_uri(root: Path, uri: str) -> str:
+    """``MLFLOW_TRACKING_URI`` if set, else ``uri`` with a relative sqlite path anchored at
+    :func:`store_root`."""
+    uri = os.environ.get(TRACKING_ENV) or uri
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not Path(uri[len(prefix) :]).is_absolute():
-        return prefix + str((root / uri[len(prefix) :]).resolve())
+        return prefix + str((store_root(root) / uri[len(prefix) :]).resolve())
     return uri
 
 
+def redacted(uri: str) -> str:
+    """``uri`` without the password of a ``scheme://user:password@host`` form, for files
+    and logs that others read."""
+    return re.sub(r"(://[^/:@]+):[^/@]*@", r"\1:***@", uri)
+
+
 @contextmanager
-def tracking(root: Path, config: PromoteParams) -> Iterator[MlflowClient]:
-    """Point MLflow (tracking and registry) at the project's store for the duration.
+def tracking(root: Path, uri: str, experiment: str) -> Iterator[MlflowClient]:
+    """Point MLflow (tracking and registry) at the project's store and ``experiment`` for
+    the duration.
 
     MLflow's setter also exports ``MLFLOW_TRACKING_URI``; the caller's value (or its absence)
     is put back afterwards, so a later call in the same process resolves its own store.
     """
     previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
     previous_env = os.environ.get(TRACKING_ENV)
-    uri = tracking_uri(root, config)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
+    resolved = tracking_uri(root, uri)
+    mlflow.set_tracking_uri(resolved)
+    mlflow.set_registry_uri(resolved)
     try:
-        if mlflow.get_experiment_by_name(config.experiment) is None:
-            artifacts = (root / "mlruns").resolve().as_uri() if uri.startswith("sqlite") else None
-            mlflow.create_experiment(config.experiment, artifact_location=artifacts)
-        mlflow.set_experiment(config.experiment)
-        yield MlflowClient(uri, uri)
+        if mlflow.get_experiment_by_name(experiment) is None:
+            local = (store_root(root) / "mlruns").resolve().as_uri()
+            mlflow.create_experiment(
+                experiment, artifact_location=local if resolved.startswith("sqlite") else None
+            )
+        mlflow.set_experiment(experiment)
+        yield MlflowClient(resolved, resolved)
     finally:
         mlflow.set_tracking_uri(previous[0])
         mlflow.set_registry_uri(previous[1])
@@ -100,30 +112,69 @@ def tracking(root: Path, config: PromoteParams) -> Iterator[MlflowClient]:
             os.environ[TRACKING_ENV] = previous_env
 
 
-def log_training_run(
-    model_dir: Path, metrics: Metrics, curve_csv: Path, promotion_key: str
-) -> dict[str, str]:
-    """One MLflow run per trained method and promotion: params, numeric metrics, the
-    budget-value curve (CSV and PNG) and the model. Returns the run id and the logged model's
-    URI; a run this promotion already logged for the method is returned as it is."""
+@dataclass(frozen=True)
+class Lineage:
+    """What a training run read and which code ran it: the data folder with DVC's hash of
+    it, the git commit, and the DVC experiment (if any)."""
+
+    data_path: Path
+    data_digest: str | None
+    git_commit: str | None
+    dvc_experiment: str | None
+
+    def tags(self) -> dict[str, str]:
+        tags = {"mlflow.source.git.commit": self.git_commit, EXPERIMENT_TAG: self.dvc_experiment}
+        return {key: value for key, value in tags.items() if value}
+
+
+@contextmanager
+def training_run(method: str, lineage: Lineage) -> Iterator[str]:
+    """An MLflow run open while ``method`` trains (yields its id): tagged with the method,
+    the git commit and the DVC experiment, with the dataset it reads as its input."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    with mlflow.start_run(run_name=method) as run:
+        mlflow.set_tags({"method": method, **lineage.tags()})
+        with warnings.catch_warnings():  # MLflow warns that it guessed a local-path source
+            warnings.simplefilter("ignore")
+            source = resolve_dataset_source(str(lineage.data_path.resolve()))
+        data = MetaDataset(source, name=lineage.data_path.name, digest=lineage.data_digest)
+        mlflow.log_input(data, context="training")
+        yield run.info.run_id
+
+
+def log_epoch(summary: EpochSummary, method: str) -> None:
+    """One epoch's metrics and duration in the open run, at step = epoch; a warm start or
+    Teacher phase (another method's fit) is logged under its method's name."""
+    prefix = "" if summary.method == method else f"{summary.method}/"
+    values = {**summary.metrics, "epoch_seconds": summary.seconds}
+    mlflow.log_metrics({f"{prefix}{key}": value for key, value in values.items()}, summary.epoch)
+
+
+def log_trained_model(model_dir: Path) -> dict[str, str]:
+    """Finish the open training run: settings as params, the fit's totals and the model.
+    Returns the run id and the logged model's URI (recorded in the models manifest)."""
     model = UpliftModel.load(model_dir)
     meta = model.metadata
-    method = str(meta.get("method"))
-    logged = mlflow.search_runs(
-        filter_string=f"tags.{PROMOTION_TAG} = '{promotion_key}' and tags.method = '{method}'",
-        output_format="list",
+    mlflow.log_params(
+        {
+            **{f"train.{k}": v for k, v in (meta.get("train_config") or {}).items()},
+            "budget": meta.get("budget"),
+            "dataset.source": (meta.get("dataset") or {}).get("source"),
+        }
     )
-    done = [r for r in logged if MODEL_URI_TAG in r.data.tags]
-    if done:
-        return {"run_id": done[0].info.run_id, "model_uri": done[0].data.tags[MODEL_URI_TAG]}
-    with mlflow.start_run(run_name=method) as run:
-        mlflow.log_params(
-            {
-                **{f"train.{k}": v for k, v in (meta.get("train_config") or {}).items()},
-                "budget": meta.get("budget"),
-                "dataset.source": (meta.get("dataset") or {}).get("source"),
-            }
-        )
+    totals = {key: meta.get(key) for key in ("fit_seconds", "epochs_run", "best_epoch")}
+    mlflow.log_metrics({key: float(value) for key, value in totals.items() if value is not None})
+    model_uri = log_model(model, model_dir, {"method": meta.get("method")})
+    mlflow.set_tag(MODEL_URI_TAG, model_uri)
+    return {"run_id": mlflow.active_run().info.run_id, "model_uri": model_uri}
+
+
+def log_evaluation(run_id: str, metrics: Metrics, curve_csv: Path, tags: dict[str, str]) -> None:
+    """Add a method's held-out scores and budget-value curve (CSV and PNG) to its training
+    run. Logging the same evaluation again (a retried promotion) changes nothing."""
+    with mlflow.start_run(run_id=run_id):
         mlflow.log_metrics(
             {
                 key: float(value)
@@ -131,50 +182,18 @@ def log_training_run(
                 if isinstance(value, int | float) and not isinstance(value, bool)
             }
         )
-        mlflow.set_tags({"method": method, "table": metrics.table, PROMOTION_TAG: promotion_key})
+        mlflow.set_tags({"table": metrics.table, **tags})
         if curve_csv.exists():
             mlflow.log_artifact(str(curve_csv), artifact_path="plots")
+            meta = {"method": metrics.method}
             mlflow.log_figure(_curve_figure(pd.read_csv(curve_csv), meta), "plots/budget_value.png")
-        model_uri = _log_pyfunc(model, model_dir, metrics)
-        mlflow.set_tag(MODEL_URI_TAG, model_uri)  # last: marks the run complete
-    return {"run_id": run.info.run_id, "model_uri": model_uri}
 
 
 def _curve_figure(curve: pd.DataFrame, meta: dict[str, Any]) -> Any:
-    import matplotlib
+    from bidfcl.plots import budget_value_figure
 
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(5, 3.5))
-    axes.plot(curve["budget"], curve["eom"], marker="o", label="EOM (IPW estimate)")
-    axes.fill_between(curve["budget"], curve["eom_ci_low"], curve["eom_ci_high"], alpha=0.2)
-    if curve["true_revenue"].notna().any():
-        axes.plot(curve["budget"], curve["true_revenue"], linestyle="--", label="true value")
-    axes.set(xlabel="budget (mean cost per user)", ylabel="revenue per user")
-    axes.set_title(f"budget-value curve: {meta.get('method')}")
-    axes.legend()
-    figure.tight_layout()
-    plt.close(figure)
-    return figure
-
-
-def _log_pyfunc(model: UpliftModel, model_dir: Path, metrics: Metrics) -> str:
-    """Log the model folder as a pyfunc with pinned requirements and a two-row input example
-    (pinning avoids MLflow's slow requirement inference)."""
-    example = pd.DataFrame(
-        [[0.0] * len(model.feature_columns), [1.0] * len(model.feature_columns)],
-        columns=model.feature_columns,
-    )
-    info = mlflow.pyfunc.log_model(
-        name=MODEL_ARTIFACT,
-        python_model=UpliftPyfunc(),
-        artifacts={UPLIFT_ARTIFACT: str(model_dir)},
-        pip_requirements=[f"{name}=={installed_version(name)}" for name in PINNED_PACKAGES],
-        input_example=example,
-        metadata={"method": model.metadata.get("method"), "eom": metrics.eom},
-    )
-    return info.model_uri
+    method = str(meta.get("method"))
+    return budget_value_figure({method: curve}, f"budget-value curve: {method}")
 
 
 def register_challenger(model_uri: str, config: PromoteParams, promotion_key: str) -> str:
@@ -198,12 +217,6 @@ def alias_version(config: PromoteParams, alias: str) -> str | None:
         return str(MlflowClient().get_model_version_by_alias(config.model_name, alias).version)
     except MlflowException:
         return None
-
-
-def champion_version(root: Path, config: PromoteParams) -> str | None:
-    """The version number holding ``champion``, or None."""
-    with tracking(root, config):
-        return alias_version(config, CHAMPION)
 
 
 def record_decision(

@@ -15,8 +15,12 @@ Data layout and versioning (see ``dvc.yaml`` and ``data.dvc``):
   the validated tables into its cache and records their hashes in ``data.dvc``; every later
   stage reads ``data/raw``, never the landing folder.
 - ``train`` writes ``models/<method>/`` and ``models/manifest.json``; ``evaluate`` writes
-  ``results/metrics/<method>.json`` and ``results/curves/<method>.csv``; ``promote`` logs the
-  runs to MLflow, applies the gate and writes ``results/promotion.json``.
+  each method's ``Metrics`` record to ``results/scores/<method>.json`` and its budget-value
+  curve to ``results/curves/<method>.csv`` (both read back by ``promote``), and for DVC
+  ``results/metrics.json`` (a few numbers per method under names that do not change with the
+  candidate), ``results/budget_value.json`` (every curve, the data of dvc.yaml's plot) and
+  ``results/plots/budget_value.png``; ``promote`` logs the runs to MLflow, applies the gate
+  and writes ``results/promotion.json``.
 """
 
 from __future__ import annotations
@@ -25,12 +29,13 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import chdir, contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -40,19 +45,27 @@ from bidfcl.params import (
     SIMULATE,
     EvaluateParams,
     IngestParams,
+    TrackingParams,
     TrainParams,
     ValidateParams,
 )
 from bidfcl.scoring import Metrics, compare_models
 
+if TYPE_CHECKING:
+    from bidfcl.learner import EpochSummary
+
 LANDING_DIR = Path("data/landing")
 RAW_DIR = Path("data/raw")
 DATA_DVC = "data.dvc"
 VALIDATION_REPORT = Path("results/validation.json")
+DATA_DOCS_DIR = Path("reports/data_docs")  # Great Expectations' HTML report (not versioned)
 MODELS_DIR = Path("models")
 MANIFEST_FILE = "manifest.json"
-METRICS_DIR = Path("results/metrics")
+METRICS_DIR = Path("results/scores")  # each method's full Metrics record (not a DVC metric)
 CURVES_DIR = Path("results/curves")
+METRICS_FILE = Path("results/metrics.json")  # DVC's metrics: see dvc_metrics
+BUDGET_VALUE_FILE = Path("results/budget_value.json")  # every method's curve, one row per point
+BUDGET_VALUE_PNG = Path("results/plots/budget_value.png")
 PROMOTION_FILE = Path("results/promotion.json")
 
 
@@ -88,11 +101,12 @@ def ingest(root: Path, config: IngestParams, progress: bool = False) -> Path:
 
 
 def validate(root: Path, config: ValidateParams) -> dict[str, Any]:
-    """Check ``data/landing`` against the suites; write the report; raise if it failed."""
+    """Check ``data/landing`` against the suites; write the report and Great Expectations'
+    Data Docs (``reports/data_docs/index.html``); raise if it failed."""
     from bidfcl.validation import validate_dataset, write_report
 
     with chdir(root):  # the committed report names project-relative paths
-        report = validate_dataset(LANDING_DIR, config.suites)
+        report = validate_dataset(LANDING_DIR, config.suites, data_docs=DATA_DOCS_DIR)
     write_report(report, root / VALIDATION_REPORT)
     if not report.passed:
         raise ValidationFailed(report.render())
@@ -111,20 +125,87 @@ def version(root: Path) -> dict[str, Any]:
     return {key: tracked["outs"][0].get(key) for key in ("path", "md5", "size", "nfiles")}
 
 
-def train(root: Path, config: TrainParams, progress: bool = False) -> list[str]:
-    """Train ``train.method`` and ``train.baselines`` on ``data/raw`` into ``models/<method>/``."""
+def train(
+    root: Path,
+    config: TrainParams,
+    tracking: TrackingParams | None = None,
+    on_epoch: Callable[[str, EpochSummary], None] | None = None,
+    progress: bool = False,
+) -> list[str]:
+    """Train ``train.method`` and ``train.baselines`` on ``data/raw`` into ``models/<method>/``.
+
+    Each method trains inside its own MLflow run (``tracking``: the project's store by
+    default), which gets every epoch's metrics and duration as they happen, the dataset's
+    DVC hash as its input, the git commit, and finally the model; the manifest records the
+    run ids. ``on_epoch(method, summary)`` hears every epoch too (the log line of the CLI
+    and the flow); the summary names a warm start's or Teacher's own method.
+    """
+    from bidfcl import registry
+    from bidfcl.learner import observe_training
     from bidfcl.methods import train_to_folder
 
+    tracking = tracking or TrackingParams()
     methods = config.methods
-    configs = [config.config_for(method) for method in methods]
+    lineage = registry.Lineage(
+        data_path=root / RAW_DIR,
+        data_digest=_dvc_out_md5(root / DATA_DVC),
+        git_commit=_git_commit(root),
+        dvc_experiment=registry.dvc_experiment(),
+    )
 
     def build(tmp: Path) -> None:
-        for method_config in configs:
-            train_to_folder(root / RAW_DIR, tmp / method_config.method, method_config, progress)
-        write_json(tmp / MANIFEST_FILE, {"candidate": methods[0], "methods": methods})
+        runs = {}
+        with registry.tracking(root, tracking.uri, tracking.experiment):
+            for method in methods:
+
+                def observe(summary: EpochSummary, method: str = method) -> None:
+                    registry.log_epoch(summary, method)
+                    if on_epoch is not None:
+                        on_epoch(method, summary)
+
+                with registry.training_run(method, lineage), observe_training(observe):
+                    train_to_folder(
+                        root / RAW_DIR, tmp / method, config.config_for(method), progress
+                    )
+                    runs[method] = registry.log_trained_model(tmp / method)
+        manifest = {"candidate": methods[0], "methods": methods, "runs": runs}
+        write_json(tmp / MANIFEST_FILE, manifest)
 
     replace_dir(root / MODELS_DIR, build)
     return methods
+
+
+def epoch_line(method: str, summary: EpochSummary) -> str:
+    """One line per training epoch for logs: method (and the phase it is in), epoch, the
+    validation scores the checkpoint is chosen by, and the epoch's duration."""
+    phase = method if summary.method == method else f"{method} [{summary.method} first]"
+    scores = " ".join(
+        f"{name} {summary.metrics[name]:.4f}"
+        for name in ("train_loss", "train_lower", "val_loss", "val_eom")
+        if name in summary.metrics
+    )
+    return (
+        f"{phase}: epoch {summary.epoch + 1}/{summary.max_epochs} {scores} "
+        f"({summary.seconds:.1f} s)"
+    )
+
+
+def _dvc_out_md5(dvc_file: Path) -> str | None:
+    """DVC's hash of the first output a .dvc file tracks (the versioned data/raw)."""
+    if not dvc_file.exists():
+        return None
+    return yaml.safe_load(dvc_file.read_text())["outs"][0].get("md5")
+
+
+def _git_commit(root: Path) -> str | None:
+    """The commit the code ran from: a DVC experiment's baseline, else the checkout's HEAD
+    (None outside git)."""
+    if os.environ.get("DVC_EXP_BASELINE_REV"):
+        return os.environ["DVC_EXP_BASELINE_REV"]
+    done = subprocess.run(
+        ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, check=False
+    )
+    return done.stdout.strip() or None if done.returncode == 0 else None
 
 
 def read_manifest(root: Path) -> dict[str, Any]:
@@ -136,16 +217,19 @@ def read_manifest(root: Path) -> dict[str, Any]:
 
 
 def evaluate(root: Path, config: EvaluateParams) -> dict[str, Metrics]:
-    """Score every trained model on held-out RCT: metrics JSON and budget-value curve CSV.
+    """Score every trained model on held-out RCT: each method's metrics JSON and budget-value
+    curve CSV, and for DVC the metrics summary, every curve in one file and their PNG.
 
     Each model's deployed allocation is also compared, paired on the same users, with the
     ``reference`` method's when that method was trained (the ``paired_*`` metrics).
     """
     from bidfcl.contract import load_dataset
     from bidfcl.model import UpliftModel
+    from bidfcl.plots import budget_value_figure
     from bidfcl.scoring import model_metrics
 
-    methods = read_manifest(root)["methods"]
+    manifest = read_manifest(root)
+    methods, candidate = manifest["methods"], manifest["candidate"]
     dataset = load_dataset(root / RAW_DIR, tables=(config.table,))
     budget = dataset.meta.budget_or_default(config.budget)
     features = dataset.meta.feature_columns
@@ -176,18 +260,80 @@ def evaluate(root: Path, config: EvaluateParams) -> dict[str, Metrics]:
                     curves_tmp / f"{method}.csv", lambda tmp, c=curve: c.to_csv(tmp, index=False)
                 )
 
+    drawn = {m: c for m, c in curves.items() if c is not None}
+    figure = budget_value_figure(
+        {f"{m} (candidate)" if m == candidate else m: c for m, c in drawn.items()},
+        f"Budget-value curves: {config.estimator.upper()} estimate on held-out {config.table}",
+    )
     replace_dir(root / CURVES_DIR, build_curves)
     replace_dir(root / METRICS_DIR, build_metrics)
+    write_json(
+        root / BUDGET_VALUE_FILE,
+        [{"method": m, **row} for m, curve in drawn.items() for row in curve.to_dict("records")],
+    )
+    atomic_write(root / BUDGET_VALUE_PNG, lambda tmp: figure.savefig(tmp, format="png", dpi=120))
+    write_json(root / METRICS_FILE, dvc_metrics(candidate, results))
     return results
 
 
-def promote(root: Path, config: PromoteParams, promotion_key: str | None = None) -> dict[str, Any]:
-    """Log every trained method to MLflow, register the candidate as ``challenger`` and apply
-    the gate; write ``results/promotion.json`` with the decision.
+DVC_METRIC_KEYS = (
+    "deployed_value",
+    "deployed_value_ci_low",
+    "deployed_value_ci_high",
+    "deployed_cost",
+    "deployed_cost_ci_high",
+    "paired_difference",
+    "paired_ci_low",
+    "deployed_true_value",
+    "deployed_true_cost",
+    "eom",
+    "budget_curve_area",
+)
+
+
+def dvc_metrics(candidate: str, results: Mapping[str, Metrics]) -> dict[str, Any]:
+    """``results/metrics.json``: the budget, and per method the numbers a promotion rests on,
+    under ``candidate.*`` and ``baselines.<method>.*`` so that ``dvc exp show`` keeps the
+    same few columns (and ``dvc metrics diff`` can compare them) when ``train.method``
+    changes. Only numbers: DVC would make a column of a string too. A value that does not
+    apply (no ground truth, no reference) is left out, as DVC leaves out ``null``."""
+
+    def numbers(metrics: Metrics) -> dict[str, float]:
+        return {k: v for k in DVC_METRIC_KEYS if (v := getattr(metrics, k)) is not None}
+
+    return {
+        "budget": results[candidate].budget,
+        "candidate": numbers(results[candidate]),
+        "baselines": {m: numbers(v) for m, v in results.items() if m != candidate},
+    }
+
+
+def read_metrics(root: Path) -> dict[str, Metrics]:
+    """Each trained method's full :class:`Metrics` record as ``evaluate`` wrote it, candidate
+    first (``results/metrics.json`` keeps only a summary)."""
+    return {
+        method: Metrics.read(root / METRICS_DIR / f"{method}.json")
+        for method in read_manifest(root)["methods"]
+    }
+
+
+def promote(
+    root: Path,
+    config: PromoteParams,
+    tracking: TrackingParams | None = None,
+    promotion_key: str | None = None,
+) -> dict[str, Any]:
+    """Add the held-out scores to every method's training run, register the candidate as
+    ``challenger`` and apply the gate; write ``results/promotion.json`` with the decision.
 
     Idempotent per ``promotion_key`` (the flow passes its run id; by default a digest of the
-    promote inputs: manifest, metrics and the candidate's weights): a retry finds the runs
-    and the version it already logged and registered, and decides again on the same data.
+    promote inputs: manifest, metrics and the candidate's weights): a retry finds the version
+    it already registered, and decides again on the same data.
+
+    Inside a DVC experiment (``dvc exp run``, ``--temp``, ``--queue``) nothing is registered
+    and no alias moves: the runs get their scores, tagged with the experiment's name, and
+    promotion.json says what the gate would decide. Registration belongs to the pipeline run
+    (the flow, or ``dvc repro``), not to a try-out.
 
     The gate compares the candidate's deployed allocation with the champion's (re-scored on
     the same held-out table, budget and estimator) or, with no champion yet, with the
@@ -199,17 +345,16 @@ def promote(root: Path, config: PromoteParams, promotion_key: str | None = None)
     from bidfcl.contract import load_dataset, table_file
     from bidfcl.model import WEIGHTS_FILE, UpliftModel
 
+    tracking = tracking or TrackingParams()
     manifest = read_manifest(root)
-    metrics = {
-        method: Metrics.read(root / METRICS_DIR / f"{method}.json")
-        for method in manifest["methods"]
-    }
+    metrics = read_metrics(root)
     report_path = root / VALIDATION_REPORT
     validation_passed = report_path.exists() and bool(
         json.loads(report_path.read_text()).get("passed")
     )
     candidate = manifest["candidate"]
     challenger = metrics[candidate]
+    runs = manifest["runs"]
     key = promotion_key or _digest(
         [
             root / MODELS_DIR / MANIFEST_FILE,
@@ -217,20 +362,22 @@ def promote(root: Path, config: PromoteParams, promotion_key: str | None = None)
             *(root / METRICS_DIR / f"{method}.json" for method in manifest["methods"]),
         ]
     )
+    experiment = registry.dvc_experiment()
     dataset = load_dataset(root / RAW_DIR, tables=(challenger.table,))
     holdout = _digest([root / RAW_DIR / table_file(challenger.table)])
     challenger_model = UpliftModel.load(root / MODELS_DIR / candidate)
-    with registry.tracking(root, config), tempfile.TemporaryDirectory() as tmp:
-        runs = {
-            method: registry.log_training_run(
-                root / MODELS_DIR / method,
-                metrics[method],
-                root / CURVES_DIR / f"{method}.csv",
-                key,
-            )
-            for method in manifest["methods"]
-        }
-        version_number = registry.register_challenger(runs[candidate]["model_uri"], config, key)
+    with (
+        registry.tracking(root, tracking.uri, tracking.experiment),
+        tempfile.TemporaryDirectory() as tmp,
+    ):
+        tags = {registry.EXPERIMENT_TAG: experiment} if experiment else {}
+        for method in manifest["methods"]:
+            curve = root / CURVES_DIR / f"{method}.csv"
+            registry.log_evaluation(runs[method]["run_id"], metrics[method], curve, tags)
+        version_number = None
+        if experiment is None:
+            model_uri = runs[candidate]["model_uri"]
+            version_number = registry.register_challenger(model_uri, config, key)
         champion = registry.alias_version(config, registry.CHAMPION)
         reference, reference_dir = None, None
         if champion is not None and champion != version_number:
@@ -254,23 +401,28 @@ def promote(root: Path, config: PromoteParams, promotion_key: str | None = None)
                 config.alpha,
             )
         decision = decide(challenger, comparison, reference or "nothing", validation_passed, config)
-        holdout_uses = registry.holdout_decisions(config, holdout, version_number) + 1
-        registry.record_decision(
-            config,
-            version_number,
-            decision,
-            {registry.HOLDOUT_TAG: holdout, "holdout_uses": str(holdout_uses)},
-        )
+        holdout_uses = registry.holdout_decisions(config, holdout, version_number or "")
+        if version_number is not None:
+            holdout_uses += 1
+            registry.record_decision(
+                config,
+                version_number,
+                decision,
+                {registry.HOLDOUT_TAG: holdout, "holdout_uses": str(holdout_uses)},
+            )
+        champion = registry.alias_version(config, registry.CHAMPION)
+    verdict = "promoted" if decision.promoted else "rejected"
     summary = {
         "model_name": config.model_name,
         "version": version_number,
         "method": candidate,
-        "decision": "promoted" if decision.promoted else "rejected",
+        "decision": verdict if version_number else f"would be {verdict} (not registered)",
         **{k: v for k, v in asdict(decision).items() if k != "promoted"},
         "holdout": {"table": challenger.table, "md5": holdout, "decisions": holdout_uses},
-        "champion_version": registry.champion_version(root, config),
+        "champion_version": champion,
+        "dvc_experiment": experiment,
         # as configured (relative to the project root), so the committed file is portable
-        "tracking_uri": os.environ.get(registry.TRACKING_ENV) or config.tracking_uri,
+        "tracking_uri": registry.redacted(os.environ.get(registry.TRACKING_ENV) or tracking.uri),
         "runs": runs,
     }
     write_json(root / PROMOTION_FILE, summary)
@@ -285,6 +437,46 @@ def _digest(paths: list[Path]) -> str:
             for block in iter(lambda h=handle: h.read(1 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------- rollback
+
+
+@contextmanager
+def restore_on_failure(root: Path, paths: Sequence[Path]) -> Iterator[None]:
+    """Put ``paths`` (files or folders under ``root``) back exactly as they were if the
+    block raises, so a rejected or broken batch leaves the working tree as it was found.
+
+    The snapshot hard-links the files (every writer here replaces files by rename and never
+    writes into one), so it costs no copy of the data.
+    """
+    snapshot = Path(tempfile.mkdtemp(prefix=".snapshot.", dir=root))
+    try:
+        for relative in paths:
+            source = root / relative
+            if source.is_dir():
+                shutil.copytree(source, snapshot / relative, copy_function=os.link)
+            elif source.exists():
+                (snapshot / relative).parent.mkdir(parents=True, exist_ok=True)
+                os.link(source, snapshot / relative)
+        yield
+    except BaseException:
+        for relative in paths:
+            _restore(snapshot / relative, root / relative)
+        raise
+    finally:
+        shutil.rmtree(snapshot, ignore_errors=True)
+
+
+def _restore(saved: Path, dest: Path) -> None:
+    if saved.is_dir():
+        replace_dir(dest, lambda tmp: shutil.copytree(saved, tmp, dirs_exist_ok=True))
+    elif saved.exists():
+        atomic_write(dest, lambda tmp: shutil.copy2(saved, tmp))
+    elif dest.is_dir():
+        shutil.rmtree(dest)
+    else:
+        dest.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------- DVC bookkeeping

@@ -1,13 +1,17 @@
 """Validate a dataset folder before anything trains on it.
 
-Great Expectations 1.x runs the rule suites kept as JSON in ``expectations/`` (one for
-the OBS table, one for each RCT table, one for ``meta.json``); dataset-specific names
-(feature columns, arms) are filled in from ``meta.json`` at run time, so one suite serves
-every dataset. A randomization check on the RCT tables (arm frequencies against the
-declared propensities, feature balance across arms) and a cross-table user-id check run
-beside the suites, and everything lands in one :class:`ValidationReport`.
+The JSON files in ``expectations/`` are templates of Great Expectations 1.x suites (one for
+the OBS table, one for each RCT table, one for ``meta.json``): dataset-specific values
+(feature columns, arms) are written as ``$placeholders``, so one template serves every
+dataset. :func:`build_suite` fills them from ``meta.json`` into a real GX suite, and each
+file is then validated by a GX ``ValidationDefinition`` run through a ``Checkpoint``, whose
+``UpdateDataDocsAction`` renders the results as Data Docs (HTML) when a folder is given.
+The RCT suite includes the randomization check (arm frequencies against the declared
+propensities, feature balance across arms) as the custom expectations of
+:mod:`bidfcl.gx_expectations`. A cross-table user-id check runs beside the suites, and
+everything lands in one :class:`ValidationReport`.
 
-Validation only reads the folder; the caller decides where the report goes.
+Validation only reads the folder; the caller decides where the report and Data Docs go.
 """
 
 from __future__ import annotations
@@ -15,13 +19,22 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import great_expectations as gx
 import numpy as np
 import pandas as pd
-from scipy import stats
+from great_expectations.checkpoint import UpdateDataDocsAction
+from great_expectations.core.expectation_validation_result import ExpectationValidationResult
+from great_expectations.core.run_identifier import RunIdentifier
+from great_expectations.data_context.types.base import (
+    DataContextConfig,
+    InMemoryStoreBackendDefaults,
+    ProgressBarsConfig,
+)
 
 from bidfcl.contract import (
     META_FILE,
@@ -37,28 +50,21 @@ from bidfcl.contract import (
     read_table,
     table_file,
 )
-from bidfcl.io import json_ready, write_json
-
-if TYPE_CHECKING:
-    from great_expectations.core.batch_definition import BatchDefinition
+from bidfcl.gx_expectations import FeatureBalanceSmd, TreatmentFrequencyMatchesPropensity
+from bidfcl.io import write_json
 
 EXPECTATIONS_DIRNAME = "expectations"
 META_SUITE = "meta"
 SUITE_OF_TABLE = {OBS: "obs", **dict.fromkeys(RCT_TABLES, "rct")}
+DATA_DOCS_SITE = "bidfcl"
 
 N_EXAMPLES = 5
 """How many offending values a failure quotes."""
-FREQUENCY_MIN_P = 1e-4
-"""Two-sided p-value below which an arm's frequency contradicts its declared propensity."""
-SMD_MAX = 0.1
-"""Largest standardized mean difference between a treated arm and control on big samples."""
-SMD_NOISE_Z = 4.5
-"""On small arms the limit widens to this many standard errors of a null SMD."""
 
 PLACEHOLDERS = ("$features", "$treatments", "$row_columns")
-"""Names a suite may use for values that come from meta.json (see ``_placeholders``)."""
+"""Names a template may use for values that come from meta.json (see ``_placeholders``)."""
 RESERVED_COLUMNS = (USER_ID, TREATMENT, *OUTCOME_COLUMNS, PROPENSITY)
-_COLUMN_KWARGS = ("column", "column_A", "column_B")
+_COLUMN_KWARGS = ("column", "column_A", "column_B", "treatment_column", "propensity_column")
 
 
 @dataclass(frozen=True)
@@ -113,14 +119,22 @@ def default_suites_dir() -> Path:
     raise FileNotFoundError(f"no expectation suites found in any of {[str(c) for c in candidates]}")
 
 
-def validate_dataset(folder: Path | str, suites_dir: Path | str | None = None) -> ValidationReport:
-    """Check every file of a dataset folder against the suites and the randomization checks."""
+def validate_dataset(
+    folder: Path | str,
+    suites_dir: Path | str | None = None,
+    data_docs: Path | str | None = None,
+) -> ValidationReport:
+    """Check every file of a dataset folder against its suite; Data Docs go to ``data_docs``.
+
+    Data Docs are GX's HTML view of the same results: a page per file of this call, listed
+    in ``index.html``. None builds none, which keeps quick checks quick.
+    """
     folder = Path(folder)
     suites_dir = Path(suites_dir) if suites_dir is not None else default_suites_dir()
-    suites = {
-        name: _read_suite(suites_dir, name) for name in {META_SUITE, *SUITE_OF_TABLE.values()}
+    templates = {
+        name: _read_template(suites_dir, name) for name in {META_SUITE, *SUITE_OF_TABLE.values()}
     }
-    runner = _SuiteRunner()
+    runner = _SuiteRunner(folder.resolve().name, None if data_docs is None else Path(data_docs))
     failures: list[Failure] = []
     checks_run = 1
     details: dict[str, Any] = {"suites_dir": str(suites_dir), "tables": {}, "skipped": []}
@@ -130,14 +144,16 @@ def validate_dataset(folder: Path | str, suites_dir: Path | str | None = None) -
     if meta_failure is not None:
         failures.append(meta_failure)
     else:
-        found, n_checks = runner.run(META_FILE, _meta_frame(raw_meta), suites[META_SUITE], {})
-        failures, checks_run = failures + found, checks_run + n_checks
+        frame = _meta_frame(raw_meta)
+        results = runner.run(frame, build_suite(templates[META_SUITE], None, frame.columns))
+        failures += _failures(META_FILE, results)
+        checks_run += len(results)
         meta = _usable_meta(raw_meta)
     if meta is None:
         details["skipped"].append("table checks that need a consistent meta.json")
-    placeholders = _placeholders(meta)
 
     frames: dict[str, pd.DataFrame] = {}
+    randomization: dict[str, Any] = {}
     for table in TABLES:
         frame, read_failure = _read_frame(folder, table)
         checks_run += 1
@@ -146,21 +162,19 @@ def validate_dataset(folder: Path | str, suites_dir: Path | str | None = None) -
             continue
         frames[table] = frame
         details["tables"][table] = len(frame)
-        suite = suites[SUITE_OF_TABLE[table]]
-        found, n_checks = runner.run(table_file(table), frame, suite, placeholders)
-        failures, checks_run = failures + found, checks_run + n_checks
+        suite = build_suite(templates[SUITE_OF_TABLE[table]], meta, frame.columns, name=table)
+        results = runner.run(frame, suite)
+        failures += _failures(table_file(table), results)
+        checks_run += len(results)
+        if table in RCT_TABLES:
+            randomization[table] = _randomization_summary(results)
 
     failures += _user_ids_across_tables(frames)
     checks_run += 1
     if meta is not None:
-        randomization: dict[str, Any] = {}
-        for table in RCT_TABLES:
-            if table in frames:
-                found, randomization[table], n_checks = _randomization_checks(
-                    table, frames[table], meta
-                )
-                failures, checks_run = failures + found, checks_run + n_checks
         details["randomization"] = randomization
+    if runner.docs_index is not None:
+        details["data_docs"] = str(runner.docs_index)
     return ValidationReport(
         dataset=str(folder),
         passed=not failures,
@@ -178,89 +192,46 @@ def write_report(report: ValidationReport, path: Path | str) -> None:
 # ----------------------------------------------------------------------------- suites
 
 
-class _SuiteRunner:
-    """One ephemeral Great Expectations context, reused for every frame of a validate call."""
+def resolve_template(
+    template: dict[str, Any],
+    meta: DatasetMeta | None,
+    columns: Collection[str] | None = None,
+) -> dict[str, Any]:
+    """A suite template with its ``$placeholders`` filled from meta.json: plain GX suite JSON.
 
-    def __init__(self) -> None:
-        os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
-        import great_expectations as gx
-        from great_expectations.data_context.types.base import (
-            DataContextConfig,
-            InMemoryStoreBackendDefaults,
-            ProgressBarsConfig,
-        )
-
-        config = DataContextConfig(
-            analytics_enabled=False,
-            progress_bars=ProgressBarsConfig(globally=False, metric_calculations=False),
-            store_backend_defaults=InMemoryStoreBackendDefaults(init_temp_docs_sites=False),
-        )
-        context = gx.get_context(mode="ephemeral", project_config=config)
-        asset = context.data_sources.add_pandas("bidfcl").add_dataframe_asset("table")
-        self._batch_definition: BatchDefinition = asset.add_batch_definition_whole_dataframe(
-            "whole table"
-        )
-
-    def run(
-        self,
-        file: str,
-        frame: pd.DataFrame,
-        suite: dict[str, Any],
-        placeholders: dict[str, list],
-    ) -> tuple[list[Failure], int]:
-        """Validate ``frame`` against ``suite`` (placeholders expanded): failures, rules run.
-
-        A pass/fail sweep first (GE's per-rule cost triples when it counts and samples
-        offending rows), then only the failed rules again for their counts and examples.
-        """
-        optional = set(suite.get("meta", {}).get("optional_columns", []))
-        configs = [
-            expanded
-            for expectation in suite["expectations"]
-            for expanded in _expand(expectation, placeholders, frame.columns, optional)
-        ]
-        if not configs:
-            return [], 0
-        batch = self._batch_definition.get_batch(batch_parameters={"dataframe": frame})
-        sweep = self._validate(batch, f"{suite['name']}:{file}", configs, "BOOLEAN_ONLY")
-        failed = [_config_of(result) for result in sweep if not result.success]
-        if not failed:
-            return [], len(sweep)
-        detailed = self._validate(batch, f"{suite['name']}:{file}:failed", failed, "SUMMARY")
-        failures = [_failure_from_result(file, result) for result in detailed if not result.success]
-        return failures, len(sweep)
-
-    @staticmethod
-    def _validate(
-        batch: Any, name: str, configs: list[dict[str, Any]], result_format: str
-    ) -> list[Any]:
-        """GE results of ``configs`` on ``batch``."""
-        import great_expectations as gx
-        from great_expectations.expectations.expectation_configuration import (
-            ExpectationConfiguration,
-        )
-
-        expectations = [
-            ExpectationConfiguration(type=c["type"], kwargs=c["kwargs"]).to_domain_obj()
-            for c in configs
-        ]
-        suite = gx.ExpectationSuite(name=name, expectations=expectations)
-        result = batch.validate(
-            suite,
-            result_format={"result_format": result_format, "partial_unexpected_count": N_EXAMPLES},
-        )
-        return list(result.results)
+    ``"column": "$features"`` repeats a rule per feature; other placeholders become lists.
+    Rules whose placeholders meta.json cannot fill (``meta`` is None when it is unusable)
+    are left out. ``columns`` are the table's own: rules on columns it lacks are left out
+    too (the column-set rule reports each once), and so are the template's
+    ``optional_columns`` it lacks from ``$row_columns``; None keeps every rule.
+    """
+    placeholders = _placeholders(meta)
+    present = None if columns is None else set(columns)
+    optional = set(template.get("meta", {}).get("optional_columns", []))
+    expectations = [
+        resolved
+        for expectation in template["expectations"]
+        for resolved in _expand(expectation, placeholders, present, optional)
+    ]
+    return {**template, "expectations": expectations}
 
 
-def _config_of(result: Any) -> dict[str, Any]:
-    """The expectation a GE result belongs to, as the plain dict the runner builds from."""
-    config = result.expectation_config
-    kwargs = {k: v for k, v in config.kwargs.items() if k != "batch_id"}
-    return {"type": config.type, "kwargs": kwargs}
+def build_suite(
+    template: dict[str, Any],
+    meta: DatasetMeta | None,
+    columns: Collection[str] | None = None,
+    name: str | None = None,
+) -> gx.ExpectationSuite:
+    """The real GX suite of one file: ``template`` resolved, named ``name`` or as the template.
+
+    See :func:`resolve_template` for ``meta`` and ``columns``.
+    """
+    resolved = resolve_template(template, meta, columns)
+    return gx.ExpectationSuite(**{**resolved, "name": name or resolved["name"]})
 
 
-def _read_suite(suites_dir: Path, name: str) -> dict[str, Any]:
-    """A suite file as a dict; a malformed suite is a bug in the tool, so it raises."""
+def _read_template(suites_dir: Path, name: str) -> dict[str, Any]:
+    """A suite template as a dict; a malformed one is a bug in the tool, so it raises."""
     path = suites_dir / f"{name}.json"
     suite = json.loads(path.read_text())
     if not isinstance(suite.get("expectations"), list):
@@ -277,7 +248,7 @@ def _read_suite(suites_dir: Path, name: str) -> dict[str, Any]:
 
 
 def _placeholders(meta: DatasetMeta | None) -> dict[str, list]:
-    """Values the suites refer to as ``$name``; empty when meta.json is unusable."""
+    """Values the templates refer to as ``$name``; empty when meta.json is unusable."""
     if meta is None:
         return {}
     return {
@@ -290,15 +261,10 @@ def _placeholders(meta: DatasetMeta | None) -> dict[str, list]:
 def _expand(
     expectation: dict[str, Any],
     placeholders: dict[str, list],
-    columns: pd.Index,
+    present: set[str] | None,
     optional_columns: set[str],
 ) -> list[dict[str, Any]]:
-    """Concrete expectations for one suite entry on a frame with ``columns``.
-
-    ``"column": "$features"`` repeats the entry per feature; other ``$name`` values are
-    replaced by lists. Entries whose placeholders are unknown for this dataset, or whose
-    column is absent (the column-set rule already reports it once), are left out.
-    """
+    """The concrete rules of one template entry (see :func:`resolve_template`)."""
     kwargs = dict(expectation["kwargs"])
     variants = [kwargs]
     for key, value in kwargs.items():
@@ -309,19 +275,114 @@ def _expand(
         if key == "column":
             variants = [{**v, key: item} for v in variants for item in placeholders[value]]
         elif value == "$row_columns":
-            present = set(columns)
-            kept = [c for c in placeholders[value] if c in present or c not in optional_columns]
+            kept = [
+                c
+                for c in placeholders[value]
+                if present is None or c in present or c not in optional_columns
+            ]
             variants = [{**v, key: kept} for v in variants]
         else:
             variants = [{**v, key: placeholders[value]} for v in variants]
     return [
-        {"type": expectation["type"], "kwargs": v}
+        {**expectation, "kwargs": v}
         for v in variants
-        if all(v[k] in columns for k in _COLUMN_KWARGS if k in v)
+        if present is None or all(v[k] in present for k in _COLUMN_KWARGS if k in v)
     ]
 
 
-def _failure_from_result(file: str, result: Any) -> Failure:
+class _SuiteRunner:
+    """One ephemeral GX project per validate call, with a Data Docs site if one is asked for.
+
+    Each file gets its own data asset, ValidationDefinition and Checkpoint (a pandas
+    batch is passed at run time, so a Checkpoint cannot share it between files), all under
+    one run id named after the dataset. The results live in memory, so the Data Docs
+    folder shows this call only: GX drops the pages of results its stores no longer hold.
+    """
+
+    def __init__(self, run_name: str, data_docs: Path | None) -> None:
+        os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+        sites = {} if data_docs is None else {DATA_DOCS_SITE: _site_config(data_docs)}
+        config = DataContextConfig(
+            analytics_enabled=False,
+            progress_bars=ProgressBarsConfig(globally=False, metric_calculations=False),
+            store_backend_defaults=InMemoryStoreBackendDefaults(init_temp_docs_sites=False),
+            data_docs_sites=sites,
+        )
+        self._context = gx.get_context(mode="ephemeral", project_config=config)
+        self._source = self._context.data_sources.add_pandas("bidfcl")
+        self._actions = (
+            [UpdateDataDocsAction(name="data docs", site_names=[DATA_DOCS_SITE])] if sites else []
+        )
+        self._run_id = RunIdentifier(run_name=run_name)
+        self._index = None if data_docs is None else data_docs / "index.html"
+        self.docs_index: Path | None = None
+        """The Data Docs ``index.html``, once a run has written it."""
+
+    def run(
+        self, frame: pd.DataFrame, suite: gx.ExpectationSuite
+    ) -> list[ExpectationValidationResult]:
+        """GX results of ``suite`` on ``frame`` (and its Data Docs pages if configured)."""
+        if not suite.expectations:
+            return []
+        batch = self._source.add_dataframe_asset(suite.name).add_batch_definition_whole_dataframe(
+            "whole table"
+        )
+        definition = self._context.validation_definitions.add(
+            gx.ValidationDefinition(
+                name=suite.name, data=batch, suite=self._context.suites.add(suite)
+            )
+        )
+        checkpoint = self._context.checkpoints.add(
+            gx.Checkpoint(
+                name=suite.name,
+                validation_definitions=[definition],
+                actions=self._actions,
+                result_format={"result_format": "BASIC", "partial_unexpected_count": N_EXAMPLES},
+            )
+        )
+        outcome = checkpoint.run(batch_parameters={"dataframe": frame}, run_id=self._run_id)
+        self.docs_index = self._index
+        (suite_result,) = outcome.run_results.values()
+        return list(suite_result.results)
+
+
+def _site_config(folder: Path) -> dict[str, Any]:
+    """A local filesystem Data Docs site in ``folder`` (``index.html`` at its top)."""
+    return {
+        "class_name": "SiteBuilder",
+        "show_how_to_buttons": False,
+        "store_backend": {
+            "class_name": "TupleFilesystemStoreBackend",
+            "base_directory": str(folder.resolve()),
+        },
+        "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+    }
+
+
+def _failures(file: str, results: list[ExpectationValidationResult]) -> list[Failure]:
+    return [_failure_from_result(file, result) for result in results if not result.success]
+
+
+def _randomization_summary(results: list[ExpectationValidationResult]) -> dict[str, Any]:
+    """The randomization statistics of one RCT table, from its custom rules' results."""
+    frequency: dict[str, Any] = {}
+    balance: dict[str, Any] = {"max_smd": {}, "limit_by_arm": {}}
+    for result in results:
+        config, outcome = result.expectation_config, result.result or {}
+        if "details" not in outcome:  # the rule raised; its failure says why
+            continue
+        if config.type == TreatmentFrequencyMatchesPropensity.expectation_type:
+            frequency = {
+                "rows_checked": outcome["details"]["rows_checked"],
+                "frequency": outcome["details"]["arms"],
+            }
+        elif config.type == FeatureBalanceSmd.expectation_type:
+            balance["max_smd"][config.kwargs["column"]] = outcome["observed_value"]
+            balance["limit_by_arm"] = outcome["details"]["limit_by_arm"]
+    return {**frequency, "balance": balance}
+
+
+def _failure_from_result(file: str, result: ExpectationValidationResult) -> Failure:
     """Turn one failed GE result into a Failure naming its column, rule, rows and examples."""
     config = result.expectation_config
     rule = config.type
@@ -347,7 +408,8 @@ def _failure_from_result(file: str, result: Any) -> Failure:
     else:
         examples = []
     error = _exception_message(result.exception_info)
-    detail = f"could not be evaluated: {error}" if error else _rule_arguments(kwargs)
+    explanation = outcome.get("details", {}).get("explanation")  # set by custom rules
+    detail = f"could not be evaluated: {error}" if error else explanation or _rule_arguments(kwargs)
     return _failure(file, column, rule, detail, n_rows, examples)
 
 
@@ -473,138 +535,6 @@ def _user_ids_across_tables(frames: dict[str, pd.DataFrame]) -> list[Failure]:
             )
         )
     return failures
-
-
-# ----------------------------------------------------------------------------- randomization
-
-
-def _randomization_checks(
-    table: str, frame: pd.DataFrame, meta: DatasetMeta
-) -> tuple[list[Failure], dict[str, Any], int]:
-    """Arm frequencies against declared propensities, and feature balance across arms.
-
-    Rows the suites already reject (bad arm, bad propensity) are left out here.
-    """
-    file = table_file(table)
-    if TREATMENT not in frame.columns or PROPENSITY not in frame.columns:
-        return [], {"skipped": "no treatment or propensity column"}, 0
-    arm = _numeric(frame[TREATMENT])
-    prop = _numeric(frame[PROPENSITY])
-    keep = np.isin(arm, np.arange(meta.n_treatments)) & (prop > 0) & (prop <= 1)
-    arm, prop = arm[keep].astype(np.int64), prop[keep]
-    onehot = arm[:, None] == np.arange(meta.n_treatments)[None, :]
-
-    failures, frequency = _frequency_check(file, onehot, prop)
-    numeric = [
-        c
-        for c in meta.feature_columns
-        if c in frame.columns and pd.api.types.is_numeric_dtype(frame[c])
-    ]
-    features = frame.loc[keep, numeric].to_numpy(np.float64, na_value=np.nan)
-    balance_failures, balance = _balance_check(file, onehot, features, numeric)
-    summary = {"rows_checked": int(keep.sum()), "frequency": frequency, "balance": balance}
-    n_checks = meta.n_treatments + len(numeric) * (meta.n_treatments - 1)
-    return failures + balance_failures, summary, n_checks
-
-
-def _frequency_check(
-    file: str, onehot: np.ndarray, propensity: np.ndarray
-) -> tuple[list[Failure], list[dict[str, Any]]]:
-    """Per arm, the inverse-propensity-weighted count must estimate the table size.
-
-    sum_i 1[t_i = j] / p_i is unbiased for N under the declared design, whatever the
-    propensities are, with variance estimated by sum_i 1[t_i = j] (1 - p_i) / p_i^2. An
-    arm never assigned has no rows to estimate that from; it borrows the table's mean
-    propensity.
-    """
-    n = onehot.shape[0]
-    weights = 1.0 / propensity
-    weighted_count = weights @ onehot
-    variance = ((1.0 - propensity) * weights**2) @ onehot
-    arm_rows = onehot.sum(axis=0)
-    if n:
-        mean_p = float(propensity.mean())
-        variance = np.where(arm_rows > 0, variance, n * (1 - mean_p) / mean_p)
-    gap = weighted_count - n
-    z = np.divide(gap, np.sqrt(variance), out=np.where(gap == 0, 0.0, np.inf), where=variance > 0)
-    p_values = 2 * stats.norm.sf(np.abs(z))
-    arms = [
-        {
-            "arm": j,
-            "rows": int(arm_rows[j]),
-            "weighted_count": float(weighted_count[j]),
-            "expected": n,
-            "z": json_ready(float(z[j])),
-            "p_value": float(p_values[j]),
-        }
-        for j in range(onehot.shape[1])
-    ]
-    bad = [a for a in arms if a["p_value"] < FREQUENCY_MIN_P]
-    if not bad:
-        return [], arms
-    examples = [
-        f"arm {a['arm']}: {a['rows']} rows weigh {a['weighted_count']:.0f} (p={a['p_value']:.1e})"
-        for a in bad
-    ]
-    failure = _failure(
-        file,
-        PROPENSITY,
-        "treatment_frequency_matches_propensity",
-        f"inverse-propensity-weighted arm counts differ from the {n} rows, p < {FREQUENCY_MIN_P:g}",
-        sum(a["rows"] for a in bad),
-        examples,
-    )
-    return [failure], arms
-
-
-def _balance_check(
-    file: str, onehot: np.ndarray, features: np.ndarray, names: list[str]
-) -> tuple[list[Failure], dict[str, Any]]:
-    """Standardized mean difference of every feature between each treated arm and control.
-
-    Randomization makes arms alike in distribution; a large SMD means assignment depended
-    on the features. The limit is SMD_MAX, widened on small arms to SMD_NOISE_Z standard
-    errors (about sqrt(1/n_j + 1/n_0)) so that chance imbalance does not fail a valid trial.
-    """
-    complete = ~np.isnan(features).any(axis=1)
-    features, onehot = features[complete], onehot[complete].astype(np.float64)
-    counts = onehot.sum(axis=0)
-    safe_counts = np.maximum(counts, 1.0)[:, None]
-    means = (onehot.T @ features) / safe_counts  # (M, d)
-    variances = np.maximum((onehot.T @ features**2) / safe_counts - means**2, 0.0)
-    pooled_sd = np.sqrt((variances[1:] + variances[:1]) / 2)
-    gap = np.abs(means[1:] - means[:1])
-    smd = np.divide(gap, pooled_sd, out=np.where(gap == 0, 0.0, np.inf), where=pooled_sd > 0)
-    enough = (counts[1:] >= 2) & (counts[0] >= 2)
-    with np.errstate(divide="ignore"):
-        noise = np.sqrt(1.0 / counts[1:] + 1.0 / counts[0])
-    limit = np.where(enough, np.maximum(SMD_MAX, SMD_NOISE_Z * noise), np.inf)  # (M-1,)
-    broken = smd > limit[:, None]  # (M-1, d)
-    failures = []
-    for k in np.flatnonzero(broken.any(axis=0)):
-        arms = np.flatnonzero(broken[:, k])
-        examples = [f"arm {a + 1} vs control: SMD {smd[a, k]:.2f} > {limit[a]:.2f}" for a in arms]
-        failures.append(
-            _failure(
-                file,
-                names[k],
-                "feature_balance_smd",
-                "standardized mean difference between a treated arm and control",
-                int(counts[arms + 1].sum()),
-                examples,
-            )
-        )
-    worst = np.where(enough[:, None], smd, 0.0).max(axis=0, initial=0.0)
-    summary = {
-        "max_smd": {name: json_ready(float(worst[k])) for k, name in enumerate(names)},
-        "limit_by_arm": {str(a + 1): json_ready(float(v)) for a, v in enumerate(limit)},
-    }
-    return failures, summary
-
-
-def _numeric(column: pd.Series) -> np.ndarray:
-    """A column as float64, with NaN where a value is missing or not a number."""
-    return pd.to_numeric(column, errors="coerce").to_numpy(np.float64, na_value=np.nan)
 
 
 # ----------------------------------------------------------------------------- formatting
