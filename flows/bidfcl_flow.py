@@ -29,6 +29,7 @@ from prefect.runtime import flow_run
 
 from bidfcl import stages
 from bidfcl.gate import PromoteParams
+from bidfcl.io import project_lock, restrict_umask
 from bidfcl.learner import EpochSummary
 from bidfcl.params import (
     PARAMS_FILE,
@@ -40,6 +41,7 @@ from bidfcl.params import (
     load_params,
     write_run_overrides,
 )
+from bidfcl.registry import redacted
 from bidfcl.scoring import Metrics
 
 PREFECT_YAML = Path(__file__).resolve().parents[1] / "prefect.yaml"
@@ -154,19 +156,24 @@ def bidfcl_pipeline(
     here, and handed to each task, so a concurrent edit of params.yaml cannot reach a
     running flow. params.yaml is never written: once the batch is accepted, the overrides
     go to params.run.yaml, which dvc.lock records. A rejected batch leaves data/landing,
-    params.run.yaml, dvc.lock, the data and the registry as they were.
+    params.run.yaml, dvc.lock, the data and the registry as they were. The stages run under
+    the project lock (:func:`bidfcl.io.project_lock`), so a second flow on the same project
+    waits for this one instead of mixing its batch, models or promotion into it.
     """
+    restrict_umask()  # also for runs a Prefect worker starts: nothing written is world-writable
     root = Path(project_dir).resolve()
     overrides = run_overrides(data_path, budget)
     params = load_params(root / PARAMS_FILE, overrides, run_overrides=False)
 
-    with stages.restore_on_failure(root, [stages.LANDING_DIR, stages.VALIDATION_REPORT]):
-        ingest_task(root, params.ingest)
-        validate_task(root, params.validate)
-    version_task(root, overrides)
-    train_task(root, params.train, params.tracking)
-    metrics = evaluate_task(root, params.evaluate)
-    promotion = promote_task(root, params.promote, params.tracking)
+    # One flow at a time per project, whatever started it: a second one waits here.
+    with project_lock(root):
+        with stages.restore_on_failure(root, [stages.LANDING_DIR, stages.VALIDATION_REPORT]):
+            ingest_task(root, params.ingest)
+            validate_task(root, params.validate)
+        version_task(root, overrides)
+        train_task(root, params.train, params.tracking)
+        metrics = evaluate_task(root, params.evaluate)
+        promotion = promote_task(root, params.promote, params.tracking)
 
     rows = stages.summary_rows(metrics)
     create_table_artifact(
@@ -232,7 +239,7 @@ def main() -> None:
         f"{holdout['decisions']} gate decision(s); a new RCT batch refreshes it"
     )
     print(f"metrics: {result['metrics']}   budget-value curves: {result['curves']}")
-    print(f"MLflow: mlflow ui --backend-store-uri {promotion['tracking_uri']}")
+    print(f"MLflow: mlflow ui --backend-store-uri {redacted(promotion['tracking_uri'])}")
 
 
 if __name__ == "__main__":

@@ -1,20 +1,105 @@
-"""Shared fixtures: one small simulated dataset per test session (tests copy it to corrupt it)."""
+"""Shared fixtures: one small simulated dataset per test session (tests copy it to corrupt it),
+and the suite runs offline: no telemetry, and no connection leaves this machine."""
 
 from __future__ import annotations
 
+import errno
+import ipaddress
 import os
 import shutil
+import socket
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from bidfcl.contract import Dataset
 
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# Set on import, before the test modules import the libraries (some read them at import);
+# subprocesses (dvc, the Prefect and MLflow servers) inherit them.
+OFFLINE_ENV = {
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "GX_ANALYTICS_ENABLED": "false",
+    "DVC_NO_ANALYTICS": "1",
+    "HF_HUB_OFFLINE": "1",
+}
+os.environ.update(OFFLINE_ENV)
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-os.environ.setdefault("DO_NOT_TRACK", "1")
-os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+BLOCKED: list[str] = []  # every address a test tried to reach, listed at the end of the run
+
+
+class NetworkBlockedError(OSError):
+    """A test tried to connect to another machine (an OSError, as when offline)."""
+
+
+def is_local(family: int, address: Any) -> bool:
+    """Whether a connection to ``address`` stays on this machine: a unix socket, loopback,
+    ``localhost`` (any other host name is refused before it is looked up)."""
+    if family not in (socket.AF_INET, socket.AF_INET6):
+        return True
+    host = str(address[0])
+    if host == "localhost":
+        return True
+    try:
+        ip = ipaddress.ip_address(host.split("%")[0])
+    except ValueError:
+        return False
+    ip = getattr(ip, "ipv4_mapped", None) or ip
+    return ip.is_loopback or ip.is_unspecified
+
+
+def _refuse(address: Any) -> None:
+    BLOCKED.append(repr(address))
+    raise NetworkBlockedError(errno.ENETUNREACH, f"network blocked in tests: {address!r}")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def offline() -> Iterator[None]:
+    """Block every connection (and host name lookup) that would leave this machine, for the
+    whole session."""
+    connect, connect_ex = socket.socket.connect, socket.socket.connect_ex
+    create_connection, getaddrinfo = socket.create_connection, socket.getaddrinfo
+
+    def guarded_connect(self: socket.socket, address: Any) -> None:
+        if not is_local(self.family, address):
+            _refuse(address)
+        connect(self, address)
+
+    def guarded_connect_ex(self: socket.socket, address: Any) -> int:
+        if not is_local(self.family, address):
+            _refuse(address)
+        return connect_ex(self, address)
+
+    def guarded_create_connection(address: Any, *args: Any, **kwargs: Any) -> socket.socket:
+        if not is_local(socket.AF_INET, address):
+            _refuse(address)
+        return create_connection(address, *args, **kwargs)
+
+    def guarded_getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if host is not None and not is_local(socket.AF_INET, (host, 0)):
+            try:
+                ipaddress.ip_address(str(host).split("%")[0])  # a literal address: no lookup
+            except ValueError:
+                _refuse((host, *args[:1]))  # a name lookup would ask the DNS server
+        return getaddrinfo(host, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(socket, "getaddrinfo", guarded_getaddrinfo)
+        patch.setattr(socket.socket, "connect", guarded_connect)
+        patch.setattr(socket.socket, "connect_ex", guarded_connect_ex)
+        patch.setattr(socket, "create_connection", guarded_create_connection)
+        yield
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if BLOCKED:
+        terminalreporter.write_sep("-", "connections blocked (the suite must run offline)")
+        for address in sorted(set(BLOCKED)):
+            terminalreporter.write_line(address)
+
 
 SMALL = {"n_obs": 4000, "n_rct": 3000, "seed": 7}
 

@@ -91,7 +91,7 @@ def test_a_bad_option_is_one_line_and_exit_2(
     assert capsys.readouterr().err.count("\n") == 1
 
 
-def test_a_bad_input_is_one_line_and_exit_1_and_debug_shows_the_traceback(
+def test_a_bad_input_is_one_line_and_exit_1_and_debug_shows_the_stack(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     args = ["summarize", str(tmp_path / "missing")]

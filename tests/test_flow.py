@@ -115,7 +115,7 @@ def fingerprint(root: Path) -> dict[str, str]:
         root / name
         for name in ("params.yaml", RUN_PARAMS_FILE, "data.dvc", "dvc.lock", *COMMITTED_RESULTS)
     ]
-    for folder in (stages.LANDING_DIR, stages.RAW_DIR, stages.MODELS_DIR, stages.METRICS_DIR):
+    for folder in (stages.LANDING_DIR, stages.RAW_DIR, stages.MODELS_DIR, stages.SCORES_DIR):
         paths += sorted(p for p in (root / folder).rglob("*") if p.is_file())
     return {str(p.relative_to(root)): hashlib.md5(p.read_bytes()).hexdigest() for p in paths}
 
@@ -252,6 +252,8 @@ def test_the_champion_loads_from_the_registry_and_allocates(
             str(runs.root),
             "--params",
             str(runs.root / "params.yaml"),
+            "--dest",
+            str(tmp_path / "champion"),
         ],
     )
     assert result.exit_code == 0, result.output

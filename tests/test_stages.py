@@ -124,14 +124,14 @@ def test_dvc_plots_and_metrics_are_the_files_evaluate_writes() -> None:
     }
     assert declared == {
         "outs": {
-            str(stages.METRICS_DIR),
+            str(stages.SCORES_DIR),
             str(stages.CURVES_DIR),
             str(stages.BUDGET_VALUE_FILE),
         },
         "metrics": {str(stages.METRICS_FILE)},
         "plots": {str(stages.BUDGET_VALUE_PNG)},
     }
-    assert {str(stages.METRICS_DIR), str(stages.CURVES_DIR)} <= set(promote["deps"])
+    assert {str(stages.SCORES_DIR), str(stages.CURVES_DIR)} <= set(promote["deps"])
     [top] = spec["plots"]  # one chart of every method, whatever train.method trained
     [(_, props)] = top.items()
     assert set(props["y"]) == {str(stages.BUDGET_VALUE_FILE)}
@@ -259,7 +259,7 @@ def test_dvc_repro_runs_everything_then_nothing_and_exp_run_overrides(
     first = run("repro")
     for stage in ("ingest", "validate", "train", "evaluate", "promote"):
         assert f"Running stage '{stage}'" in first
-    assert "Importing 'data/landing' -> 'data/raw'" in first
+    assert "Importing 'data/validated' -> 'data/raw'" in first
     second = run("repro")
     assert "Running stage" not in second
     assert "Data and pipelines are up to date." in run("status")
@@ -275,7 +275,8 @@ def test_dvc_repro_runs_everything_then_nothing_and_exp_run_overrides(
     run("exp", "run", "-S", "train.method=dfcl-ppl")
     manifest = json.loads((root / "models" / "manifest.json").read_text())
     assert (manifest["candidate"], manifest["methods"]) == ("dfcl-ppl", ["dfcl-ppl", "tsm-rct"])
-    assert set(manifest["runs"]) == {"dfcl-ppl", "tsm-rct"}  # each trained in its MLflow run
-    assert (root / stages.METRICS_DIR / "dfcl-ppl.json").exists()
+    runs = json.loads((root / stages.TRAINING_RUNS_FILE).read_text())
+    assert set(runs) == {"dfcl-ppl", "tsm-rct"}  # each trained in its MLflow run
+    assert (root / stages.SCORES_DIR / "dfcl-ppl.json").exists()
     metrics = json.loads((root / stages.METRICS_FILE).read_text())
     assert set(metrics["baselines"]) == {"tsm-rct"}

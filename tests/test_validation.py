@@ -399,6 +399,7 @@ def test_randomization_failure_is_the_custom_rules_one_line(
     dataset_copy: Path, tmp_path: Path
 ) -> None:
     _edit_table(dataset_copy, "rct_train", _triple_arm_one)
+    (dataset_copy / "truth.parquet").unlink()  # the copies are new users without ground truth
     docs = tmp_path / "data_docs"
 
     report = validate_dataset(dataset_copy, data_docs=docs)
@@ -421,7 +422,7 @@ def test_randomization_failure_is_the_custom_rules_one_line(
     assert examples[0] in page.read_text()
 
 
-def test_cli_on_a_corrupt_dataset_prints_no_traceback(
+def test_cli_on_a_corrupt_dataset_prints_one_line_per_rule_and_no_stack(
     dataset_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     _edit_meta(dataset_copy, lambda m: m.update(n_treatments="five"))

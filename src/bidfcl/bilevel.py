@@ -37,7 +37,7 @@ import copy
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import lightning as L
 import torch
@@ -56,6 +56,7 @@ from bidfcl.train_config import TrainConfig
 # (theta, phi) -> scalar lower loss; theta is one flat vector, phi the Bridge's tensors.
 LowerLoss = Callable[[torch.Tensor, Sequence[torch.Tensor]], torch.Tensor]
 UpperLoss = Callable[[torch.Tensor], torch.Tensor]
+BILEVEL_STATE_KEY = "bidfcl_bilevel"  # the counters a checkpoint keeps beside the learner's
 
 # --------------------------------------------------------------------------- hypergradients
 
@@ -274,6 +275,25 @@ class BilevelLearner(UpliftLearner):
         self.manual_backward(loss)
         target_opt.step()
         self.log("train_lower", loss, on_step=False, on_epoch=True, batch_size=context.batch.n_rows)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """The learner's state plus the bi-level counters (the Teacher, the Bridge and both
+        optimisers are in Lightning's part of the checkpoint)."""
+        super().on_save_checkpoint(checkpoint)
+        checkpoint[BILEVEL_STATE_KEY] = {
+            "hyper_steps": self.hyper_steps,
+            "cg_iterations": self.cg_iterations,
+            "skipped_steps": self.skipped_steps,
+            "gate_means": self.gate_means,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        state = checkpoint[BILEVEL_STATE_KEY]
+        self.hyper_steps = state["hyper_steps"]
+        self.cg_iterations = state["cg_iterations"]
+        self.skipped_steps = state["skipped_steps"]
+        self.gate_means = state["gate_means"]
 
     def on_train_epoch_start(self) -> None:
         super().on_train_epoch_start()

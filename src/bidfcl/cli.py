@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
@@ -34,8 +37,24 @@ PROGRAM = "bidfcl"
 # The usage-error type of the click Typer runs on (Typer may ship its own copy of click).
 UsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
 _options = {"debug": False}
+
+
+def _budget_option(budget: float | None) -> float | None:
+    """``--budget`` checked before anything is read or written (a usage error, exit 2): a
+    finite number > 0. A budget no allocation can exhaust is allowed; the output says so."""
+    if budget is None:
+        return None
+    from bidfcl.contract import BUDGET_RULE, budget_problem
+
+    problem = budget_problem(budget)
+    if problem is not None:
+        raise typer.BadParameter(f"breaks {BUDGET_RULE} ({problem})", param_hint="'--budget'")
+    return budget
+
+
 BudgetOption = Annotated[
-    float | None, typer.Option(help="Mean cost per user [default: the dataset's].")
+    float | None,
+    typer.Option(help="Mean cost per user [default: the dataset's].", callback=_budget_option),
 ]
 ScoredDataArgument = Annotated[
     Path, typer.Argument(help="Dataset folder (its rct_test is scored).")
@@ -47,6 +66,9 @@ def _global_options(
     debug: Annotated[bool, typer.Option(help="Show the traceback of an error.")] = False,
 ) -> None:
     _options["debug"] = debug
+    from bidfcl.io import restrict_umask
+
+    restrict_umask()  # what DVC, MLflow and GX write for a command is not world-writable
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -135,11 +157,28 @@ def validate(
     data_docs: Annotated[
         Path, typer.Option(help="Folder for the Great Expectations Data Docs (HTML).")
     ] = Path("reports") / "data_docs",
+    propensity_floor: Annotated[
+        float | None,
+        typer.Option(
+            help="Smallest RCT propensity accepted, in (0, 1): IPW weighs a row by "
+            "1/propensity [default: the library's, as validate.propensity_floor].",
+            show_default=False,
+        ),
+    ] = None,
+    require_default_budget: Annotated[
+        bool,
+        typer.Option(
+            help="meta.json must hold default_budget, as the pipeline needs when "
+            "train.budget or evaluate.budget is null (a present one is checked either way)."
+        ),
+    ] = False,
 ) -> None:
     """Check a dataset folder against the data contract; exit 1 on any failure."""
-    from bidfcl.validation import validate_dataset, write_report
+    from bidfcl.validation import SuiteSettings, validate_dataset, write_report
 
-    result = validate_dataset(data_dir, data_docs=data_docs)
+    floor = {} if propensity_floor is None else {"propensity_floor": propensity_floor}
+    settings = SuiteSettings(**floor, require_default_budget=require_default_budget)
+    result = validate_dataset(data_dir, data_docs=data_docs, settings=settings)
     report_path = report or Path("reports") / "validation" / f"{data_dir.resolve().name}.json"
     write_report(result, report_path)
     typer.echo(result.render())
@@ -275,7 +314,7 @@ def evaluate(
     )
     m = metrics
     deployed = (
-        f"deployed allocation ({m.deployed_status}): revenue {_fmt(m.deployed_value)} "
+        f"deployed allocation ({_status(m.deployed_status)}): revenue {_fmt(m.deployed_value)} "
         f"[{_fmt(m.deployed_value_ci_low)}, {_fmt(m.deployed_value_ci_high)}], spend "
         f"{_fmt(m.deployed_cost)} [{_fmt(m.deployed_cost_ci_low)}, {_fmt(m.deployed_cost_ci_high)}]"
         f" at budget {_fmt(m.budget)}"
@@ -290,6 +329,16 @@ def evaluate(
 def _fmt(value: float | None) -> str:
     """A metric for the terminal; None (a non-finite estimate) as n/a."""
     return "n/a" if value is None else f"{value:.4f}"
+
+
+def _status(status: str) -> str:
+    """An allocation's status for the terminal, spelled out where the budget does not bind
+    (a budget above what the allocation can spend is accepted, not an error)."""
+    from bidfcl.allocation import STATUS_SLACK
+
+    if status != STATUS_SLACK:
+        return status
+    return f"{status}: the budget does not bind, every user gets the arm of highest revenue"
 
 
 @app.command()
@@ -332,7 +381,9 @@ def allocate(
         str, typer.Argument(help="Saved model folder, or models:/NAME@ALIAS from the registry.")
     ],
     users: Annotated[Path, typer.Argument(help="Parquet table with user_id and the features.")],
-    budget: Annotated[float, typer.Option(help="Mean cost per user to spend.")],
+    budget: Annotated[
+        float, typer.Option(help="Mean cost per user to spend.", callback=_budget_option)
+    ],
     out: Annotated[Path, typer.Option(help="Parquet file of user_id, treatment.")],
     chunk_rows: Annotated[int, typer.Option(help="Rows read per chunk.")] = 1_000_000,
     params: Annotated[
@@ -342,24 +393,32 @@ def allocate(
     """Choose one treatment per user under the budget (the model's deployed allocation)."""
     from bidfcl.scoring import allocate_file
 
-    result = allocate_file(_local_model(model, params), users, budget, out, chunk_rows=chunk_rows)
+    with _local_model(model, params) as model_dir:
+        result = allocate_file(model_dir, users, budget, out, chunk_rows=chunk_rows)
     typer.echo(
         f"allocated {result.treatment.numel()} users: predicted revenue {result.mean_revenue:.4f}"
         f", predicted cost {result.mean_cost:.4f} per user (lambda {result.lam:.4f}, "
-        f"{result.status}); written to {out}"
+        f"{_status(result.status)}); written to {out}"
     )
 
 
-def _local_model(ref: str, params: Path, root: Path = Path(".")) -> Path:
-    """A model folder for ``ref``: a path as is, a ``models:/`` reference from the registry."""
+@contextmanager
+def _local_model(
+    ref: str, params: Path, root: Path = Path("."), dest: Path | None = None
+) -> Iterator[Path]:
+    """A model folder for ``ref`` while the block runs: a path as is, a ``models:/``
+    reference downloaded from the registry into ``dest`` (kept) or else into a temporary
+    folder deleted afterwards."""
     if not ref.startswith("models:/"):
-        return Path(ref)
+        yield Path(ref)
+        return
     from bidfcl.params import load_params
-    from bidfcl.registry import resolve_model_uri, tracking
+    from bidfcl.registry import check_model_ref, local_model, tracking
 
+    check_model_ref(ref)  # before the registry is opened
     settings = load_params(params).tracking
-    with tracking(root, settings.uri, settings.experiment):
-        return resolve_model_uri(ref)
+    with tracking(root, settings.uri, settings.experiment), local_model(ref, dest) as folder:
+        yield folder
 
 
 stage_app = typer.Typer(
@@ -385,7 +444,8 @@ def stage_ingest(root: RootOption = Path("."), params: ParamsOption = Path("para
 def stage_validate(
     root: RootOption = Path("."), params: ParamsOption = Path("params.yaml")
 ) -> None:
-    """Validate data/landing; write results/validation.json; exit 1 with the report on failure."""
+    """Validate data/landing; write results/validation.json; publish a passed batch as
+    data/validated; exit 1 with the report on failure."""
     from bidfcl.params import load_params
     from bidfcl.stages import VALIDATION_REPORT, ValidationFailed, validate
 
@@ -400,7 +460,7 @@ def stage_validate(
 
 @stage_app.command("version")
 def stage_version(root: RootOption = Path(".")) -> None:
-    """Version the validated batch: DVC imports data/landing into data/raw (data.dvc)."""
+    """Version the validated batch: DVC imports data/validated into data/raw (data.dvc)."""
     from bidfcl.stages import version
 
     tracked = version(root)
@@ -455,9 +515,19 @@ def resolve_model(
     ref: Annotated[str, typer.Argument(help="models:/NAME@ALIAS, models:/NAME/VERSION or a path.")],
     root: RootOption = Path("."),
     params: ParamsOption = Path("params.yaml"),
+    dest: Annotated[
+        Path | None,
+        typer.Option(
+            help="Empty folder to download a models:/ reference into [default: a new "
+            "bidfcl-model-* temporary folder]. The copy is kept: the printed path is in it."
+        ),
+    ] = None,
 ) -> None:
     """Print a local model folder for a registry reference (use it with `bidfcl allocate`)."""
-    typer.echo(_local_model(ref, params, root))
+    if dest is None and ref.startswith("models:/"):
+        dest = Path(tempfile.mkdtemp(prefix="bidfcl-model-"))
+    with _local_model(ref, params, root, dest) as folder:
+        typer.echo(folder)
 
 
 if __name__ == "__main__":

@@ -9,13 +9,16 @@ so the column names and the rules about them live in exactly one place.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 from bidfcl.io import write_json, write_parquet
@@ -35,6 +38,8 @@ REVENUE = "revenue"
 COST = "cost"
 PROPENSITY = "propensity"
 OUTCOME_COLUMNS: tuple[str, ...] = (REVENUE, COST)
+RESERVED_COLUMNS: tuple[str, ...] = (USER_ID, TREATMENT, *OUTCOME_COLUMNS, PROPENSITY)
+"""Column names a feature may not take."""
 
 
 def table_file(table: str) -> str:
@@ -50,8 +55,100 @@ def truth_cost_columns(n_treatments: int) -> list[str]:
     return [f"cost_{j}" for j in range(n_treatments)]
 
 
+PROPENSITY_FLOOR = 1e-3
+"""Smallest RCT propensity validation accepts by default (``validate.propensity_floor``):
+IPW weighs a row by 1 / p, so one row at p = 1e-9 outweighs a whole trial."""
+BUDGET_RULE = "budget_positive_finite"
+N_EXAMPLES = 5
+"""How many offending values an error quotes."""
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def rule_message(
+    file: str,
+    rule: str,
+    detail: str = "",
+    column: str | None = None,
+    *,
+    kind: str = "column",
+    n_rows: int = 0,
+    examples: Sequence[str] = (),
+) -> str:
+    """One line for a broken rule, ``FILE: column 'C' breaks RULE (DETAIL) in N row(s); e.g. ...``.
+
+    Validation reports and command-line errors share this form, so a reader learns one.
+    ``kind`` names what ``column`` is (``key`` for a JSON or YAML key).
+    """
+    message = f"{file}: {'file' if column is None else f'{kind} {column!r}'} breaks {rule}"
+    if detail:
+        message += f" ({detail})"
+    if n_rows:
+        message += f" in {n_rows} row(s)"
+    if examples:
+        message += "; e.g. " + ", ".join(examples)
+    return message
+
+
 class DataContractError(ValueError):
-    """A dataset folder does not follow the contract; the message names the file and rule."""
+    """A file does not follow the contract; the message is one line naming the file, the
+    column (where there is one) and the rule, which reports can also read as attributes."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        file: str | None = None,
+        rule: str | None = None,
+        column: str | None = None,
+        detail: str = "",
+    ) -> None:
+        super().__init__(message)
+        self.file, self.rule, self.column, self.detail = file, rule, column, detail
+
+    @classmethod
+    def broken(
+        cls,
+        file: str,
+        rule: str,
+        detail: str = "",
+        column: str | None = None,
+        *,
+        kind: str = "column",
+        n_rows: int = 0,
+        examples: Sequence[str] = (),
+    ) -> DataContractError:
+        """The error for one broken rule, its message in the :func:`rule_message` form."""
+        message = rule_message(
+            file, rule, detail, column, kind=kind, n_rows=n_rows, examples=examples
+        )
+        return cls(message, file=file, rule=rule, column=column, detail=detail)
+
+
+def budget_problem(budget: Any) -> str | None:
+    """Why ``budget`` cannot be spent, or None when it is a finite number > 0.
+
+    A budget is the mean cost per user the policy may spend: 0 or less leaves nothing to
+    allocate and no spend to scale curves by, NaN or infinity no knapsack to solve. A budget
+    above what every user's dearest arm costs is allowed: it simply does not bind.
+    """
+    number = isinstance(budget, int | float | np.integer | np.floating)
+    number = number and not isinstance(budget, bool | np.bool_)
+    if number and math.isfinite(budget) and budget > 0:
+        return None
+    shown = f"{float(budget):g}" if number else repr(budget)
+    return f"the mean cost per user to spend must be a finite number > 0, got {shown}"
+
+
+def check_budget(budget: Any, file: str | None = None, key: str = "budget") -> float:
+    """``budget`` as a float, or a DataContractError naming the file and key it came from
+    (``file`` None: an argument)."""
+    problem = budget_problem(budget)
+    if problem is None:
+        return float(budget)
+    if file is None:
+        message = f"{key} breaks {BUDGET_RULE} ({problem})"
+        raise DataContractError(message, rule=BUDGET_RULE, column=key, detail=problem)
+    raise DataContractError.broken(file, BUDGET_RULE, problem, key, kind="key")
 
 
 @dataclass(frozen=True)
@@ -63,6 +160,7 @@ class DatasetMeta:
     feature_columns: list[str]
     source: str
     extra: dict[str, Any] = field(default_factory=dict)
+    origin: str = field(default=META_FILE, compare=False, repr=False)  # the file, for errors
 
     REQUIRED_KEYS = ("n_treatments", "treatment_names", "feature_columns", "source")
 
@@ -77,28 +175,68 @@ class DatasetMeta:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], origin: str = META_FILE) -> DatasetMeta:
+        """Typed metadata; keys that contradict each other are a DataContractError, because
+        a model would otherwise be built for the wrong number of arms or features."""
         missing = [k for k in cls.REQUIRED_KEYS if k not in raw]
         if missing:
-            raise DataContractError(f"{origin}: missing required key(s) {missing}")
+            raise DataContractError.broken(origin, "required_keys", f"missing key(s) {missing}")
+        n_treatments, names, features = (
+            raw["n_treatments"],
+            raw["treatment_names"],
+            raw["feature_columns"],
+        )
+        problems = {
+            "n_treatments": (
+                "at_least_two_arms",
+                not isinstance(n_treatments, int)
+                or isinstance(n_treatments, bool)
+                or n_treatments < 2,
+                f"an integer >= 2 (control and a treatment), got {n_treatments!r}",
+            ),
+            "treatment_names": (
+                "one_name_per_arm",
+                not isinstance(names, list)
+                or len(names) != n_treatments
+                or len(set(map(str, names))) != len(names),
+                f"n_treatments is {n_treatments!r}, so that many distinct names, got {names!r}",
+            ),
+            "feature_columns": (
+                "features_declared",
+                not isinstance(features, list)
+                or not features
+                or len(set(map(str, features))) != len(features)
+                or any(str(f) in RESERVED_COLUMNS for f in features),
+                f"a non-empty list of distinct names other than {list(RESERVED_COLUMNS)}",
+            ),
+        }
+        for key, (rule, broken, detail) in problems.items():
+            if broken:
+                raise DataContractError.broken(origin, rule, detail, key, kind="key")
         extra = {k: v for k, v in raw.items() if k not in cls.REQUIRED_KEYS}
         return cls(
-            n_treatments=int(raw["n_treatments"]),
-            treatment_names=[str(n) for n in raw["treatment_names"]],
-            feature_columns=[str(c) for c in raw["feature_columns"]],
+            n_treatments=n_treatments,
+            treatment_names=[str(n) for n in names],
+            feature_columns=[str(c) for c in features],
             source=str(raw["source"]),
             extra=extra,
+            origin=origin,
         )
 
     def budget_or_default(self, budget: float | None) -> float:
-        """``budget`` (mean cost per user) if given, else this dataset's ``default_budget``."""
+        """``budget`` (mean cost per user) if given, else this dataset's ``default_budget``;
+        either must be a finite number > 0."""
         if budget is not None:
-            return float(budget)
+            return check_budget(budget)
         if "default_budget" not in self.extra:
-            raise ValueError(
-                "no budget given (train.budget / --budget) and meta.json has no default_budget: "
-                "state the mean cost per user the policy may spend"
+            raise DataContractError.broken(
+                self.origin,
+                BUDGET_RULE,
+                "no budget given (train.budget, evaluate.budget or --budget) and no "
+                "default_budget here: state the mean cost per user the policy may spend",
+                "default_budget",
+                kind="key",
             )
-        return float(self.extra["default_budget"])
+        return check_budget(self.extra["default_budget"], self.origin, "default_budget")
 
     @property
     def row_columns(self) -> list[str]:
@@ -208,26 +346,46 @@ class Dataset:
             raise KeyError(f"unknown table {name!r}; expected one of {TABLES}")
         return self.tables[name]
 
+    def file(self, name: str) -> str:
+        """Where file ``name`` (a table or ``truth.parquet``) came from, for error messages."""
+        file = table_file(name) if name in TABLES else name
+        return file if self.path is None else str(self.path / file)
+
     def logged(self, name: str, device: torch.device | str = "cpu") -> LoggedData:
-        return frame_to_logged(self.table(name), self.meta).to(device)
+        """Table ``name`` as tensors, once it passed the contract's row checks."""
+        frame = self.table(name)
+        return frame_to_logged(frame, self.meta, self.file(name), name in RCT_TABLES).to(device)
 
     def truth_for(self, name: str, device: torch.device | str = "cpu") -> Truth | None:
         """Ground truth aligned row by row with table ``name`` (None without truth)."""
         if self.truth is None:
             return None
-        return truth_for_users(self.truth, self.table(name)[USER_ID], self.meta.n_treatments).to(
-            device
-        )
+        user_ids = self.table(name)[USER_ID]
+        check_user_ids(user_ids, self.file(name))  # ids of another type would find no truth
+        return truth_for_users(
+            self.truth, user_ids, self.meta.n_treatments, self.file(TRUTH_FILE)
+        ).to(device)
 
 
-def truth_for_users(truth: pd.DataFrame, user_ids: pd.Series, n_treatments: int) -> Truth:
+def truth_for_users(
+    truth: pd.DataFrame, user_ids: pd.Series, n_treatments: int, file: str = TRUTH_FILE
+) -> Truth:
     """Rows of the truth table for ``user_ids``, in that order."""
+    columns = [*truth_revenue_columns(n_treatments), *truth_cost_columns(n_treatments)]
+    missing_columns = [c for c in [USER_ID, *columns] if c not in truth.columns]
+    if missing_columns:
+        detail = f"missing {missing_columns}"
+        raise DataContractError.broken(file, "required_columns", detail, missing_columns[0])
+    check_user_ids(truth[USER_ID], file)
     indexed = truth.set_index(USER_ID)
     missing = ~user_ids.isin(indexed.index)
     if missing.any():
-        raise DataContractError(
-            f"{TRUTH_FILE}: no ground truth for {int(missing.sum())} user(s), "
-            f"e.g. user_id={user_ids[missing].iloc[0]}"
+        raise DataContractError.broken(
+            file,
+            "truth_covers_users",
+            f"no ground truth for {int(missing.sum())} user(s)",
+            USER_ID,
+            examples=[f"user_id={user_ids[missing].iloc[0]}"],
         )
     rows = indexed.loc[user_ids.to_numpy()]
     return Truth(
@@ -241,11 +399,15 @@ def _tensor(values: pd.Series | pd.DataFrame, dtype: type) -> torch.Tensor:
     return torch.from_numpy(np.array(values.to_numpy(dtype), dtype=dtype, order="C", copy=True))
 
 
-def frame_to_logged(frame: pd.DataFrame, meta: DatasetMeta) -> LoggedData:
-    """Convert one table to tensors (features float32, outcomes float32, ids int64)."""
-    missing = [c for c in meta.row_columns if c not in frame.columns and c != PROPENSITY]
-    if missing:
-        raise DataContractError(f"table is missing column(s) {missing}")
+def frame_to_logged(
+    frame: pd.DataFrame,
+    meta: DatasetMeta,
+    file: str = "table",
+    require_propensity: bool = False,
+) -> LoggedData:
+    """Convert one table to tensors (features float32, outcomes float32, ids int64) once
+    :func:`check_rows` passed; ``file`` names the table in its errors."""
+    check_rows(frame, meta, file, require_propensity)
     prop = (
         frame[PROPENSITY].to_numpy(np.float32, na_value=np.nan)
         if PROPENSITY in frame.columns
@@ -262,27 +424,191 @@ def frame_to_logged(frame: pd.DataFrame, meta: DatasetMeta) -> LoggedData:
     )
 
 
+# ----------------------------------------------------------------------------- row checks
+
+
+def check_rows(
+    frame: pd.DataFrame, meta: DatasetMeta, file: str, require_propensity: bool = False
+) -> None:
+    """The contract's cheap row checks; the first broken rule raises a DataContractError.
+
+    Every reader of a table runs them (vectorised: milliseconds per 100k rows), so a batch
+    that skipped validation still cannot train a model on duplicated users, negative
+    revenue or a zero propensity (an infinite weight). ``require_propensity``: the table is
+    randomized, so every row must carry its propensity.
+    """
+    check_column_names(list(frame.columns), file)
+    required = [c for c in meta.row_columns if c != PROPENSITY or require_propensity]
+    missing = [c for c in required if c not in frame.columns]
+    if missing:
+        raise DataContractError.broken(file, "required_columns", f"missing {missing}", missing[0])
+    if frame.empty:
+        raise DataContractError.broken(file, "non_empty_table", "the table has no rows")
+    check_user_ids(frame[USER_ID], file)
+    check_features(frame, meta.feature_columns, file)
+    arms = meta.n_treatments
+    _check_values(
+        frame,
+        [TREATMENT],
+        file,
+        "treatment_in_arms",
+        f"an integer arm in 0..{arms - 1}",
+        lambda t: (t >= 0) & (t < arms),
+        integer=True,
+    )
+    _check_values(
+        frame,
+        list(OUTCOME_COLUMNS),
+        file,
+        "outcome_finite_non_negative",
+        "a finite number >= 0",
+        lambda v: np.isfinite(v) & (v >= 0),
+    )
+    if PROPENSITY in frame.columns:
+        unknown_allowed = not require_propensity
+        _check_values(
+            frame,
+            [PROPENSITY],
+            file,
+            "propensity_in_unit_interval",
+            "the probability of the logged arm, in (0, 1]"
+            + ("" if unknown_allowed else ", known for every randomized row"),
+            lambda p: ((p > 0) & (p <= 1)) | (np.isnan(p) & unknown_allowed),
+        )
+
+
+def check_column_names(columns: Sequence[str], file: str) -> None:
+    """A column name may appear once: which of two same-named columns is meant is unknowable."""
+    repeated = pd.Index(columns)[pd.Index(columns).duplicated()]
+    if len(repeated):
+        raise DataContractError.broken(
+            file, "unique_column_names", "more than one column has this name", str(repeated[0])
+        )
+
+
+def check_user_ids(ids: pd.Series, file: str) -> None:
+    """One row per user, each with an integer id (a NaN id would become INT64_MIN)."""
+    nulls = ids.isna()
+    if nulls.any():
+        raise DataContractError.broken(
+            file,
+            "user_id_integer",
+            "every row needs an integer id",
+            USER_ID,
+            n_rows=int(nulls.sum()),
+        )
+    if not pd.api.types.is_integer_dtype(ids):
+        detail = f"every row needs an integer id; the column holds {ids.dtype}"
+        raise DataContractError.broken(
+            file, "user_id_integer", detail, USER_ID, examples=_shown(ids.head(N_EXAMPLES))
+        )
+    repeated = ids.duplicated(keep=False)
+    if repeated.any():
+        raise DataContractError.broken(
+            file,
+            "user_id_unique",
+            "one row per user",
+            USER_ID,
+            n_rows=int(repeated.sum()),
+            examples=_shown(ids[repeated].drop_duplicates().head(N_EXAMPLES)),
+        )
+
+
+def check_features(frame: pd.DataFrame, columns: Sequence[str], file: str) -> None:
+    """Features are numbers a float32 network can read: no NaN, no infinity, no value beyond
+    float32's range (which would turn into infinity)."""
+    _check_values(
+        frame,
+        list(columns),
+        file,
+        "features_finite",
+        "a number within float32 range, not NaN or infinite",
+        lambda x: np.abs(x) <= _FLOAT32_MAX,
+    )
+
+
+def _check_values(
+    frame: pd.DataFrame,
+    columns: list[str],
+    file: str,
+    rule: str,
+    detail: str,
+    valid: Callable[[np.ndarray], np.ndarray],
+    integer: bool = False,
+) -> None:
+    """Raise for the first of ``columns`` that is not numeric (``integer``: not integral)
+    or holds a value ``valid`` rejects; ``valid`` sees float64 values, NaN for a null."""
+    for column in columns:
+        values = frame[column]
+        typed = pd.api.types.is_integer_dtype if integer else pd.api.types.is_numeric_dtype
+        if not typed(values) or pd.api.types.is_bool_dtype(values):
+            typed_detail = f"{detail}; the column holds {values.dtype}"
+            raise DataContractError.broken(file, rule, typed_detail, column)
+        array = values.to_numpy(np.float64, na_value=np.nan)
+        bad = ~valid(array)
+        if bad.any():
+            raise DataContractError.broken(
+                file,
+                rule,
+                detail,
+                column,
+                n_rows=int(bad.sum()),
+                examples=_shown(array[bad][:N_EXAMPLES]),
+            )
+
+
+def _shown(values: Any) -> list[str]:
+    """Offending values as short text for a message."""
+    return [f"{v:.6g}" if isinstance(v, float | np.floating) else repr(v) for v in values]
+
+
 # ----------------------------------------------------------------------------- folder I/O
 
 
 def read_meta(folder: Path) -> DatasetMeta:
     path = Path(folder) / META_FILE
     if not path.exists():
-        raise DataContractError(f"{path}: file not found")
+        raise DataContractError(
+            f"{path}: file not found", file=str(path), rule="file_exists", detail="file not found"
+        )
     try:
         raw = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise DataContractError(f"{path}: not valid JSON ({err})") from err
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DataContractError.broken(str(path), "valid_json", f"not valid JSON: {err}") from err
     if not isinstance(raw, dict):
-        raise DataContractError(f"{path}: must hold a JSON object")
+        raise DataContractError.broken(str(path), "valid_json", "must hold a JSON object")
     return DatasetMeta.from_dict(raw, origin=str(path))
 
 
 def read_table(folder: Path, table: str) -> pd.DataFrame:
-    path = Path(folder) / table_file(table)
+    return read_parquet_file(Path(folder) / table_file(table))
+
+
+def read_parquet_file(path: Path) -> pd.DataFrame:
+    """A parquet file as a frame. A missing file, one that is not parquet (say a CSV saved
+    under a .parquet name) or one with repeated column names is a DataContractError."""
     if not path.exists():
-        raise DataContractError(f"{path}: file not found")
-    return pd.read_parquet(path)
+        raise DataContractError(
+            f"{path}: file not found", file=str(path), rule="file_exists", detail="file not found"
+        )
+    check_column_names(parquet_columns(path), str(path))
+    try:
+        return pd.read_parquet(path)
+    except (OSError, pa.ArrowException) as err:
+        raise _unreadable(path, err) from err
+
+
+def parquet_columns(path: Path) -> list[str]:
+    """The column names of a parquet file, read from its footer alone."""
+    try:
+        return list(pq.read_schema(path).names)
+    except (OSError, pa.ArrowException) as err:
+        raise _unreadable(path, err) from err
+
+
+def _unreadable(path: Path, err: Exception) -> DataContractError:
+    detail = "not a parquet file: " + " ".join(str(err).split())
+    return DataContractError.broken(str(path), "readable_parquet", detail)
 
 
 def load_dataset(folder: Path | str, tables: tuple[str, ...] = TABLES) -> Dataset:
@@ -291,7 +617,7 @@ def load_dataset(folder: Path | str, tables: tuple[str, ...] = TABLES) -> Datase
     meta = read_meta(folder)
     frames = {name: read_table(folder, name) for name in tables}
     truth_path = folder / TRUTH_FILE
-    truth = pd.read_parquet(truth_path) if truth_path.exists() else None
+    truth = read_parquet_file(truth_path) if truth_path.exists() else None
     return Dataset(meta=meta, tables=frames, truth=truth, path=folder)
 
 

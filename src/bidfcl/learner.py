@@ -16,6 +16,12 @@ the model's metadata; :func:`scoped_torch_settings` keeps training's thread and 
 settings from leaking into the rest of the process. Whoever runs training (a pipeline stage,
 a benchmark) watches it epoch by epoch through :func:`observe_training`, without every fit
 function passing the observer along.
+
+With ``checkpoint_dir`` set, every epoch ends with ``last.ckpt`` there (Lightning's
+``ModelCheckpoint``, written atomically), and a fit that finds one resumes from it: the
+weights, optimisers, loop and early-stopping state, the learner's own state (best epoch and
+its weights, history, lambda) and every random generator the batches are drawn from, so a
+run killed at any point ends with the weights an uninterrupted run gets.
 """
 
 from __future__ import annotations
@@ -28,19 +34,30 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, EarlyStopping
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.plugins import TorchCheckpointIO
 
 from bidfcl.allocation import solve_mckp
 from bidfcl.contract import Dataset, LoggedData, Truth
+from bidfcl.datamodule import ShuffledBatches
 from bidfcl.decision import DecisionLoss
 from bidfcl.evaluation import expected_outcome_metric
+from bidfcl.io import atomic_write
 from bidfcl.losses import factual_mse
 from bidfcl.model import UpliftModel
 from bidfcl.train_config import SELECT_BY, TrainConfig
+
+log = logging.getLogger(__name__)
+CHECKPOINT_NAME = "last"  # <checkpoint_dir>/last.ckpt: the state after the last finished epoch
+CHECKPOINT_FILE = f"{CHECKPOINT_NAME}{ModelCheckpoint.FILE_EXTENSION}"
+LEARNER_STATE_KEY = "bidfcl_learner"
+RNG_STATE_KEY = "bidfcl_rng"
 
 
 @dataclass(frozen=True)
@@ -93,6 +110,47 @@ class EpochReporter(Callback):
                 metrics=metrics,
             )
         )
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint beside its path and renames it into place: a kill during the
+    write leaves the previous epoch's checkpoint whole."""
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
+        def write(tmp: Path) -> None:
+            TorchCheckpointIO.save_checkpoint(self, checkpoint, tmp, storage_options)
+
+        atomic_write(Path(path), write)
+
+
+class ShufflingState(Callback):
+    """Adds to each checkpoint what Lightning leaves out: torch's global generator and the
+    private generators the datamodule's samplers shuffle with, so a resumed fit draws the
+    batches the uninterrupted one would have drawn."""
+
+    def on_save_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        checkpoint[RNG_STATE_KEY] = {
+            "torch": torch.get_rng_state(),
+            "samplers": [sampler.generator.get_state() for sampler in _samplers(trainer)],
+        }
+
+    def on_load_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # Restored before the fit loop builds its data iterators, which draw the first order.
+        state = checkpoint[RNG_STATE_KEY]
+        torch.set_rng_state(state["torch"])
+        for sampler, saved in zip(_samplers(trainer), state["samplers"], strict=True):
+            sampler.generator.set_state(saved)
+
+
+def _samplers(trainer: L.Trainer) -> list[ShuffledBatches]:
+    """The datamodule's shuffling samplers, in the order it holds them."""
+    return [s for s in vars(trainer.datamodule).values() if isinstance(s, ShuffledBatches)]
 
 
 class UpliftLearner(L.LightningModule):
@@ -194,6 +252,30 @@ class UpliftLearner(L.LightningModule):
         if not self.trainer.sanity_checking:
             self._record(metrics)
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep what Lightning does not: the best epoch's weights (held in memory), the
+        history and lambda."""
+        checkpoint[LEARNER_STATE_KEY] = {
+            "lam": self.lam,
+            "history": self.history,
+            "best_score": self.best_score,
+            "best_epoch": self.best_epoch,
+            "best_state": self.best_state,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint[LEARNER_STATE_KEY]
+        self.lam = state["lam"]
+        self.history = state["history"]
+        self.best_score = state["best_score"]
+        self.best_epoch = state["best_epoch"]
+        self.best_state = state["best_state"]
+        log.warning(
+            "%s: resuming after epoch %d of an interrupted run",
+            self.config.method,
+            len(self.history),
+        )
+
     def _record(self, metrics: dict[str, float]) -> None:
         """Append the epoch to the history; snapshot the weights if its score is the best."""
         lam = {"lambda": self.lam} if self.decision_x is not None else {}
@@ -216,11 +298,18 @@ def fit_learner(
     n_train_rows: int,
 ) -> UpliftModel:
     """Fit ``learner`` on ``data``; return its model (CPU) at its best validation epoch,
-    with the run described in its metadata."""
+    with the run described in its metadata. With ``config.checkpoint_dir`` the fit resumes
+    from the checkpoint an interrupted fit left there."""
     model = learner.model
+    resume = None
+    if config.checkpoint_dir is not None:
+        last = Path(config.checkpoint_dir) / CHECKPOINT_FILE
+        resume = last if last.exists() else None
     started = time.perf_counter()
     with quiet_lightning():
-        make_trainer(config, progress).fit(learner, datamodule=data)
+        make_trainer(config, progress).fit(
+            learner, datamodule=data, ckpt_path=resume, weights_only=True
+        )
     seconds = time.perf_counter() - started
 
     model.to("cpu")
@@ -251,6 +340,8 @@ def fit_learner(
 
 
 def make_trainer(config: TrainConfig, progress: bool) -> L.Trainer:
+    """The Trainer every learner fits with: early stopping on ``select_by``, the epoch
+    observer if one is set, and with ``checkpoint_dir`` a checkpoint after every epoch."""
     logger = CSVLogger(config.log_dir, name=config.method) if config.log_dir else False
     monitor, maximize = SELECT_BY[config.select_by]
     use_cuda = torch.cuda.is_available() and config.accelerator in ("auto", "gpu", "cuda")
@@ -264,13 +355,26 @@ def make_trainer(config: TrainConfig, progress: bool) -> L.Trainer:
     observer = _EPOCH_OBSERVER.get()
     if observer is not None:
         callbacks.append(EpochReporter(config.method, observer))
+    plugins = []
+    if config.checkpoint_dir is not None:
+        # monitor=None with save_top_k=1 keeps one file, rewritten every epoch.
+        checkpoint = ModelCheckpoint(
+            dirpath=config.checkpoint_dir,
+            filename=CHECKPOINT_NAME,
+            monitor=None,
+            save_top_k=1,
+            enable_version_counter=False,
+        )
+        callbacks += [ShufflingState(), checkpoint]
+        plugins.append(AtomicCheckpointIO())
     return L.Trainer(
         accelerator=config.accelerator,
         devices=1,
         max_epochs=config.max_epochs,
         deterministic=deterministic,
         callbacks=callbacks,
-        enable_checkpointing=False,
+        plugins=plugins,
+        enable_checkpointing=config.checkpoint_dir is not None,
         enable_progress_bar=progress,
         enable_model_summary=False,
         logger=logger,
@@ -292,6 +396,7 @@ def quiet_lightning() -> Iterator[None]:
             warnings.filterwarnings("ignore", message=".*no logger configured.*")
             warnings.filterwarnings("ignore", message=".*treespec.*deprecated.*")
             warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+            warnings.filterwarnings("ignore", message=".*exists and is not empty.*")  # resuming
             yield
     finally:
         for name, level in levels.items():

@@ -16,17 +16,28 @@ is one entry of :data:`METHOD_SPECS`.
 - ``bidfcl-ppl`` / ``bidfcl-pifd``: the bi-level learner of :mod:`bidfcl.bilevel` (a Bridge
   tuned by the RCT decision loss mixes a frozen tsm-rct Teacher into the OBS pseudo-labels
   of the Target); the Teacher is trained here and is also the Target's start.
+
+A run with ``checkpoint_dir`` checkpoints each phase (the warm start or Teacher, then the
+method) in its own subfolder ``<checkpoint_dir>/<phase method>/``: a rerun reuses a phase
+that finished (its model is kept there) and resumes the one that was interrupted. A phase's
+checkpoint is used only for the same settings, data and starting weights.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
+import logging
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import pandas as pd
+import torch
 
 from bidfcl.bilevel import fit_bilevel
 from bidfcl.contract import (
@@ -47,15 +58,20 @@ from bidfcl.decision import (
     ppl_decision,
 )
 from bidfcl.deployment import DEPLOYMENT_KEY, calibrate
-from bidfcl.learner import UpliftLearner, fit_learner, scoped_torch_settings
+from bidfcl.io import atomic_write
+from bidfcl.learner import CHECKPOINT_FILE, UpliftLearner, fit_learner, scoped_torch_settings
 from bidfcl.model import UpliftModel
 from bidfcl.propensity import ips_weights
 from bidfcl.train_config import TrainConfig
+
+log = logging.getLogger(__name__)
 
 # (spec, dataset, config, budget, start_from, progress) -> the fitted model (on the CPU)
 Fit = Callable[["MethodSpec", Dataset, TrainConfig, float, UpliftModel | None, bool], UpliftModel]
 # the metadata kept of the model a method started from
 START_SUMMARY_KEYS = ("method", "best_epoch", "best_val_eom", "best_val_loss", "epochs_run")
+FITTED_DIR = "fitted"  # in a phase's checkpoint folder: the phase's model once it finished
+PHASE_KEY_FILE = "phase.key"  # what the phase's checkpoints were made from (see _phase_key)
 
 
 def fit_single_level(
@@ -179,14 +195,14 @@ def train_model(
     """
     spec = method_spec(config.method)
     budget = dataset.meta.budget_or_default(config.budget)
+    data_key = _dataset_key(dataset) if config.checkpoint_dir is not None else ""
     with scoped_torch_settings(config.num_threads):
         start_from = warm_start
         first = spec.warm_start or spec.teacher
         if start_from is None and first is not None:
             first_config = replace(config, method=first, max_epochs=config.warm_start_epochs)
-            first_spec = method_spec(first)
-            start_from = first_spec.fit(first_spec, dataset, first_config, budget, None, progress)
-        model = spec.fit(spec, dataset, config, budget, start_from, progress)
+            start_from = _fit_phase(dataset, first_config, budget, None, progress, data_key)
+        model = _fit_phase(dataset, config, budget, start_from, progress, data_key)
         if config.calibrate_spend:
             calibration = calibrate(model, dataset.logged(RCT_VAL), budget, seed=config.seed)
             model.metadata[DEPLOYMENT_KEY] = calibration.to_dict()
@@ -201,6 +217,83 @@ def train_to_folder(
     """Load a dataset folder, train ``config.method`` and save the model folder atomically."""
     dataset = load_dataset(data_dir, tables=(OBS, RCT_TRAIN, RCT_VAL))
     return train_model(dataset, config, progress).save(out_dir)
+
+
+def _fit_phase(
+    dataset: Dataset,
+    config: TrainConfig,
+    budget: float,
+    start_from: UpliftModel | None,
+    progress: bool,
+    data_key: str,
+) -> UpliftModel:
+    """Fit ``config.method`` from ``start_from``; with ``checkpoint_dir``, in its phase folder,
+    reusing the model of a finished phase or resuming an interrupted one (see module doc)."""
+    spec = method_spec(config.method)
+    if config.checkpoint_dir is None:
+        return check_fitted(spec.fit(spec, dataset, config, budget, start_from, progress))
+    folder = Path(config.checkpoint_dir) / config.method
+    key = _phase_key(config, data_key, start_from)
+    key_file = folder / PHASE_KEY_FILE
+    if not key_file.exists() or key_file.read_text() != key:
+        shutil.rmtree(folder, ignore_errors=True)  # another run's: never resume from it
+        folder.mkdir(parents=True)
+        atomic_write(key_file, lambda tmp: tmp.write_text(key))
+    elif (folder / FITTED_DIR).exists():
+        log.warning("%s: reusing the model this phase left in %s", config.method, folder)
+        return UpliftModel.load(folder / FITTED_DIR)
+    phase_config = replace(config, checkpoint_dir=str(folder))
+    model = check_fitted(spec.fit(spec, dataset, phase_config, budget, start_from, progress))
+    model.save(folder / FITTED_DIR)
+    (folder / CHECKPOINT_FILE).unlink(missing_ok=True)
+    return model
+
+
+class TrainingDiverged(RuntimeError):
+    """A fit ended without a model worth saving (non-finite weights, no scored epoch)."""
+
+
+def check_fitted(model: UpliftModel) -> UpliftModel:
+    """``model`` if its weights are finite and some validation epoch scored; otherwise raise,
+    so a diverged fit fails loudly instead of saving NaN weights and reporting success."""
+    broken = [
+        name for name, tensor in model.net.state_dict().items() if not torch.isfinite(tensor).all()
+    ]
+    method = model.metadata.get("method")
+    if broken:
+        raise TrainingDiverged(
+            f"{method}: training diverged, non-finite weights in {broken[:3]} (lower the "
+            "learning rate, or check the data for extreme values)"
+        )
+    if model.metadata.get("best_epoch", 0) < 0:
+        raise TrainingDiverged(f"{method}: no validation epoch gave a finite score")
+    return model
+
+
+def _phase_key(config: TrainConfig, data_key: str, start_from: UpliftModel | None) -> str:
+    """MD5 of what a phase's result depends on: its settings (except where checkpoints go),
+    the data, and the weights it starts from."""
+    digest = hashlib.md5()
+    settings = {k: v for k, v in config.to_dict().items() if k != "checkpoint_dir"}
+    digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    digest.update(data_key.encode())
+    if start_from is not None:
+        for module in (start_from.net, start_from.scaler):
+            for name, tensor in module.state_dict().items():
+                digest.update(name.encode())
+                digest.update(tensor.detach().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _dataset_key(dataset: Dataset) -> str:
+    """MD5 of a dataset's metadata and of the contents of every table it holds."""
+    meta = json.dumps(dataset.meta.to_dict(), sort_keys=True, default=str)
+    digest = hashlib.md5(meta.encode())
+    frames = {**dataset.tables, **({"truth": dataset.truth} if dataset.truth is not None else {})}
+    for name in sorted(frames):
+        digest.update(json.dumps([name, *map(str, frames[name].columns)]).encode())
+        digest.update(pd.util.hash_pandas_object(frames[name], index=False).to_numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _summary(model: UpliftModel | None) -> dict[str, Any] | None:

@@ -9,6 +9,7 @@ the feature columns it was trained on.
 from __future__ import annotations
 
 import json
+import pickle
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -275,7 +276,12 @@ class UpliftModel:
         config = ModelConfig.from_dict(description["config"])
         net = UpliftNet(len(feature_columns), int(description["n_treatments"]), config)
         scaler = FeatureScaler(len(feature_columns), float(description["scaler_min_std"]))
-        state = torch.load(folder / WEIGHTS_FILE, map_location=map_location, weights_only=True)
+        try:
+            state = torch.load(folder / WEIGHTS_FILE, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as error:  # a pickle naming code: the file is not weights
+            raise ValueError(
+                f"{folder / WEIGHTS_FILE}: holds objects other than tensors; not loaded"
+            ) from error
         net.load_state_dict(state["net"])
         scaler.load_state_dict(state["scaler"])
         model = cls(

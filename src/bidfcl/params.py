@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from bidfcl.contract import RCT_TEST
+from bidfcl.contract import PROPENSITY_FLOOR, RCT_TEST, check_budget
 from bidfcl.gate import PromoteParams
 from bidfcl.io import atomic_write
 from bidfcl.methods import METHODS
@@ -49,9 +49,24 @@ class IngestParams:
 @dataclass(frozen=True)
 class ValidateParams:
     """``validate:`` — the folder of Great Expectations suites (None: the installed ones),
-    relative to the project root."""
+    relative to the project root; the smallest RCT propensity accepted (IPW weighs a row by
+    1 / propensity); and whether meta.json must hold a valid ``default_budget``. None (the
+    default) lets :func:`parse_params` decide: required exactly when ``train.budget`` or
+    ``evaluate.budget`` is null, as the pipeline then takes its budget from there."""
 
     suites: str | None = None
+    propensity_floor: float = PROPENSITY_FLOOR
+    require_default_budget: bool | None = None
+
+    def __post_init__(self) -> None:
+        floor = self.propensity_floor
+        if isinstance(floor, bool) or not isinstance(floor, int | float) or not 0 < floor < 1:
+            raise ValueError(f"validate.propensity_floor must lie in (0, 1), got {floor!r}")
+        required = self.require_default_budget
+        if required is not None and not isinstance(required, bool):
+            raise ValueError(
+                f"validate.require_default_budget must be true, false or null, got {required!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -178,6 +193,16 @@ def parse_params(
     unknown = sorted(set(raw) - {f.name for f in fields(Params)})
     if unknown:
         raise ValueError(f"{origin}: unknown section(s) {unknown}")
+    budgets = {name: _section(raw, name, origin).get("budget") for name in ("train", "evaluate")}
+    for name, budget in budgets.items():  # before any stage runs, so none writes a thing
+        overridden = (overrides or {}).get(f"{name}.budget") is not None
+        if budget is not None:
+            check_budget(
+                budget, f"{origin} (overridden)" if overridden else origin, f"{name}.budget"
+            )
+    validate = _typed(ValidateParams, _section(raw, "validate", origin), "validate", origin)
+    if validate.require_default_budget is None:
+        validate = replace(validate, require_default_budget=None in budgets.values())
     train = dict(_section(raw, "train", origin))
     baselines = tuple(str(m) for m in train.pop("baselines", None) or ())
     train_params = TrainParams(_typed(TrainConfig, train, "train", origin), baselines)
@@ -188,7 +213,7 @@ def parse_params(
         )
     return Params(
         ingest=_typed(IngestParams, _section(raw, "ingest", origin), "ingest", origin),
-        validate=_typed(ValidateParams, _section(raw, "validate", origin), "validate", origin),
+        validate=validate,
         train=train_params,
         evaluate=_typed(EvaluateParams, _section(raw, "evaluate", origin), "evaluate", origin),
         promote=_typed(PromoteParams, _section(raw, "promote", origin), "promote", origin),

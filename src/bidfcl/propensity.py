@@ -43,7 +43,17 @@ def fit_propensity_model(
 
 
 def ips_weights(data: LoggedData, clip: float, steps: int) -> torch.Tensor:
-    """1 / p(logged arm | x) from a propensity model fitted on ``data`` itself, p >= clip."""
+    """1 / p(logged arm | x) from a propensity model fitted on ``data`` itself, p >= clip.
+
+    Raises ValueError rather than return a non-finite weight: one would turn every loss it
+    touches into NaN, and training would go on to save a model that learned nothing.
+    """
     probabilities = fit_propensity_model(data, steps)(data.x)
     logged = probabilities.gather(1, data.treatment.unsqueeze(1)).squeeze(1)
-    return 1.0 / logged.clamp(min=clip, max=1.0)
+    weights = 1.0 / logged.clamp(min=clip, max=1.0)
+    if not bool(torch.isfinite(weights).all()):
+        raise ValueError(
+            "the propensity model fitted for IPS weights gave non-finite probabilities "
+            "(non-finite features, or a diverged L-BFGS fit): refusing to train on them"
+        )
+    return weights

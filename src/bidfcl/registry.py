@@ -37,6 +37,7 @@ if TYPE_CHECKING:  # annotations only: training runs log through here without th
 CHALLENGER = "challenger"
 CHAMPION = "champion"
 TRACKING_ENV = "MLFLOW_TRACKING_URI"
+QUIET_LINKS_ENV = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"  # MLflow's "View run at: URL" lines
 DVC_EXPERIMENT_ENV = "DVC_EXP_NAME"  # set by DVC for every `dvc exp run` (also --temp, --queue)
 DVC_ROOT_ENV = "DVC_ROOT"  # for experiments, the repository they were started from
 EXPERIMENT_TAG = "dvc_experiment"
@@ -45,6 +46,17 @@ HOLDOUT_TAG = "holdout"  # the md5 of the held-out table a gate decision was tak
 # a retried promotion finds the version it registered instead of registering another.
 PROMOTION_TAG = "promotion_key"
 MODEL_URI_TAG = "model_uri"
+# A gate decision is committed by its decision tag, written last; a version whose promotion
+# was killed before it has none, and the next promotion tags it ABANDONED (see
+# settle_interrupted_promotions). PREVIOUS_CHAMPION_TAG (written before the champion alias
+# moves) says whom to give the alias back to.
+DECISION_TAG = "decision"
+ABANDONED = "abandoned"
+PREVIOUS_CHAMPION_TAG = "previous_champion"
+NO_VERSION = "none"
+MODELS_SCHEME = "models:/"
+# models:/NAME@ALIAS or models:/NAME/VERSION, each part free of separators and escapes
+_MODEL_REF = re.compile(r"models:/[^/\\@%\x00-\x1f]+[@/][^/\\@%\x00-\x1f]+")
 
 
 class UpliftPyfunc(UpliftAllocator):
@@ -77,9 +89,12 @@ def tracking_uri(root: Path, uri: str) -> str:
 
 
 def redacted(uri: str) -> str:
-    """``uri`` without the password of a ``scheme://user:password@host`` form, for files
-    and logs that others read."""
-    return re.sub(r"(://[^/:@]+):[^/@]*@", r"\1:***@", uri)
+    """``uri`` (or any text quoting URIs, such as an error message) with every password
+    masked, in the ``scheme://user:password@host`` form and in ``?password=`` style query
+    parameters, for files and logs that others read."""
+    text = re.sub(r"(://[^/:@\s]*):[^/@\s]+@", r"\1:***@", uri)
+    secret_parameter = r"([?&][^=&\s]*(?:password|secret|token)[^=&\s]*=)[^&#\s]*"
+    return re.sub(secret_parameter, r"\1***", text, flags=re.IGNORECASE)
 
 
 @contextmanager
@@ -89,10 +104,15 @@ def tracking(root: Path, uri: str, experiment: str) -> Iterator[MlflowClient]:
 
     MLflow's setter also exports ``MLFLOW_TRACKING_URI``; the caller's value (or its absence)
     is put back afterwards, so a later call in the same process resolves its own store.
+    A password in the URI stays out of what others read: MLflow's run links (printed from
+    the URI) are switched off and errors leaving the block are redacted.
     """
     previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
     previous_env = os.environ.get(TRACKING_ENV)
+    previous_links = os.environ.get(QUIET_LINKS_ENV)
     resolved = tracking_uri(root, uri)
+    if redacted(resolved) != resolved:
+        os.environ[QUIET_LINKS_ENV] = "true"
     mlflow.set_tracking_uri(resolved)
     mlflow.set_registry_uri(resolved)
     try:
@@ -103,13 +123,35 @@ def tracking(root: Path, uri: str, experiment: str) -> Iterator[MlflowClient]:
             )
         mlflow.set_experiment(experiment)
         yield MlflowClient(resolved, resolved)
+    except Exception as error:
+        _redact_error(error)  # MLflow quotes the store URI in its errors
+        raise
     finally:
         mlflow.set_tracking_uri(previous[0])
         mlflow.set_registry_uri(previous[1])
-        if previous_env is None:
-            os.environ.pop(TRACKING_ENV, None)
-        else:
-            os.environ[TRACKING_ENV] = previous_env
+        _put_back_env(TRACKING_ENV, previous_env)
+        _put_back_env(QUIET_LINKS_ENV, previous_links)
+
+
+def _put_back_env(name: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+
+
+def _redact_error(error: BaseException | None) -> None:
+    """Mask passwords in the messages of ``error`` and the errors it chains, so neither the
+    CLI's one line, a traceback nor Prefect's log of a failed task shows them."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        args = tuple(redacted(arg) if isinstance(arg, str) else arg for arg in error.args)
+        if args != error.args:
+            error.args = args
+        if isinstance(getattr(error, "message", None), str):
+            error.message = redacted(error.message)  # type: ignore[attr-defined]
+        error = error.__cause__ or error.__context__
 
 
 @dataclass(frozen=True)
@@ -211,6 +253,35 @@ def register_challenger(model_uri: str, config: PromoteParams, promotion_key: st
     return version
 
 
+def settle_interrupted_promotions(config: PromoteParams, promotion_key: str) -> list[str]:
+    """Put the registry back in a decided state after killed promotions; call it under the
+    project lock, before registering. A version without a decision tag that holds
+    ``champion`` (its promotion died between moving the alias and committing the decision)
+    gives the alias back to the version it took it from; every undecided version that this
+    promotion (``promotion_key``) did not register is tagged ``decision=abandoned`` and is
+    never aliased again. Returns the abandoned version numbers."""
+    client = MlflowClient()
+    name = config.model_name
+    abandoned = []
+    for model_version in client.search_model_versions(f"name='{name}'"):
+        tags, version = model_version.tags, str(model_version.version)
+        if DECISION_TAG in tags:
+            continue
+        previous = tags.get(PREVIOUS_CHAMPION_TAG)
+        if previous is not None and alias_version(config, CHAMPION) == version:
+            if previous == NO_VERSION:
+                client.delete_registered_model_alias(name, CHAMPION)
+            else:
+                client.set_registered_model_alias(name, CHAMPION, previous)
+        if tags.get(PROMOTION_TAG) != promotion_key and alias_version(config, CHAMPION) != version:
+            client.set_model_version_tag(name, version, DECISION_TAG, ABANDONED)
+            client.set_model_version_tag(
+                name, version, "reason", "its promotion stopped before the gate decided"
+            )
+            abandoned.append(version)
+    return abandoned
+
+
 def alias_version(config: PromoteParams, alias: str) -> str | None:
     """The version number holding ``alias`` in the current registry, or None."""
     try:
@@ -225,34 +296,67 @@ def record_decision(
     decision: GateDecision,
     extra_tags: dict[str, str] | None = None,
 ) -> None:
-    """Tag the version with the decision, its evidence and ``extra_tags``; move
-    ``champion`` if promoted."""
+    """Tag the version with the decision's evidence, ``extra_tags`` and the champion it
+    would replace; move ``champion`` if promoted; then commit the decision tag, last, so a
+    kill at any point leaves a version :func:`settle_interrupted_promotions` can undo."""
     client = MlflowClient()
-    for key, value in {**decision.tags(), **(extra_tags or {})}.items():
+    tags = {**decision.tags(), **(extra_tags or {})}
+    verdict = tags.pop(DECISION_TAG)
+    tags[PREVIOUS_CHAMPION_TAG] = alias_version(config, CHAMPION) or NO_VERSION
+    for key, value in tags.items():
         client.set_model_version_tag(config.model_name, version, key, value)
     if decision.promoted:
         client.set_registered_model_alias(config.model_name, CHAMPION, version)
+    client.set_model_version_tag(config.model_name, version, DECISION_TAG, verdict)
 
 
 def holdout_decisions(config: PromoteParams, holdout: str, exclude_version: str) -> int:
     """How many gate decisions the registry records on the held-out table ``holdout``, other
-    than one on ``exclude_version`` (a retried promotion's own)."""
+    than one on ``exclude_version`` (a retried promotion's own); an abandoned promotion
+    decided nothing."""
     versions = MlflowClient().search_model_versions(f"name='{config.model_name}'")
     return sum(
-        v.tags.get(HOLDOUT_TAG) == holdout and "decision" in v.tags
+        v.tags.get(HOLDOUT_TAG) == holdout and v.tags.get(DECISION_TAG) not in (None, ABANDONED)
         for v in versions
         if str(v.version) != exclude_version
     )
 
 
-def resolve_model_uri(ref: str, dest: Path | None = None) -> Path:
-    """A local model folder for ``ref``: a folder path as is, or ``models:/NAME@alias`` (or
-    ``models:/NAME/VERSION``) downloaded from the registry at ``MLFLOW_TRACKING_URI``."""
-    if not ref.startswith("models:/"):
-        return Path(ref)
-    target = dest or Path(tempfile.mkdtemp(prefix="bidfcl-model-"))
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=str(target)))
+def check_model_ref(ref: str) -> None:
+    """Refuse a ``models:/`` reference that is not ``models:/NAME@ALIAS`` or
+    ``models:/NAME/VERSION`` with plain parts, before anything opens the registry."""
+    if _MODEL_REF.fullmatch(ref) is None or ".." in ref:
+        raise ValueError(
+            f"{ref}: not a model reference; use models:/NAME@ALIAS or models:/NAME/VERSION "
+            "(no '..', '/', '\\', '%' or '@' inside a part)"
+        )
+
+
+def resolve_model_uri(ref: str, dest: Path) -> Path:
+    """The model folder of ``models:/NAME@alias`` (or ``models:/NAME/VERSION``), downloaded
+    into ``dest`` from the registry at ``MLFLOW_TRACKING_URI``. A reference of any other shape
+    is refused before the registry is asked, so no name, alias or version can point the
+    download outside the model."""
+    check_model_ref(ref)
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=str(dest)))
     found = sorted(path.parent for path in local.rglob(MODEL_FILE))
     if not found:
         raise FileNotFoundError(f"{ref}: the registered model holds no {MODEL_FILE}")
     return found[0]
+
+
+@contextmanager
+def local_model(ref: str, dest: Path | None = None) -> Iterator[Path]:
+    """A model folder for ``ref`` while the block runs: a folder path as is, a ``models:/``
+    reference resolved by :func:`resolve_model_uri`. The download goes into ``dest``, which is
+    kept and must be empty (a model left there could be picked up instead), or else into a
+    temporary folder deleted on exit, so a lookup leaves nothing behind."""
+    if not ref.startswith(MODELS_SCHEME):
+        yield Path(ref)
+    elif dest is not None:
+        if dest.exists() and any(dest.iterdir()):
+            raise FileExistsError(f"{dest}: not empty; a model is downloaded into an empty folder")
+        yield resolve_model_uri(ref, dest)
+    else:
+        with tempfile.TemporaryDirectory(prefix="bidfcl-model-") as tmp:
+            yield resolve_model_uri(ref, Path(tmp))

@@ -24,13 +24,20 @@ import torch
 
 from bidfcl.allocation import AllocationResult, solve_mckp
 from bidfcl.contract import (
+    META_FILE,
     RCT_TEST,
     TREATMENT,
     USER_ID,
     DataContractError,
     Dataset,
     LoggedData,
+    check_budget,
+    check_column_names,
+    check_features,
+    check_user_ids,
     load_dataset,
+    parquet_columns,
+    rule_message,
 )
 from bidfcl.deployment import deploy
 from bidfcl.evaluation import (
@@ -48,7 +55,7 @@ from bidfcl.evaluation import (
     qini_coefficient,
 )
 from bidfcl.io import atomic_write, json_ready, write_json
-from bidfcl.model import UpliftModel, check_feature_columns
+from bidfcl.model import FeatureMismatchError, UpliftModel, check_feature_columns
 from bidfcl.outcome_model import crossfit_outcomes
 
 CURVE_BUDGET_SCALES = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)
@@ -267,11 +274,23 @@ def compare_saved_models(
     """:func:`compare_models` for two saved model folders and a dataset folder (budget None:
     the dataset's default)."""
     dataset = load_dataset(data_dir, tables=(table,))
-    features = dataset.meta.feature_columns
-    models = [UpliftModel.load(m, expected_features=features) for m in (model_a, model_b)]
+    models = [load_model_for(m, dataset) for m in (model_a, model_b)]
     return compare_models(
         *models, dataset, dataset.meta.budget_or_default(budget), table, estimator, alpha, interval
     )
+
+
+def load_model_for(model_dir: Path | str, dataset: Dataset) -> UpliftModel:
+    """A saved model that reads exactly ``dataset``'s feature columns: scores computed from
+    other columns would be silently wrong, so a mismatch names the data, the model and the
+    columns."""
+    try:
+        return UpliftModel.load(model_dir, expected_features=dataset.meta.feature_columns)
+    except FeatureMismatchError as err:
+        detail = f"model {model_dir}: {err}"
+        file = dataset.file(META_FILE)
+        message = rule_message(file, "model_features", detail, "feature_columns", kind="key")
+        raise FeatureMismatchError(message) from err
 
 
 def score_saved_model(
@@ -284,7 +303,7 @@ def score_saved_model(
     """Score a saved model folder on one table of a dataset folder (budget None: the
     dataset's default); the metrics name the model's method."""
     dataset = load_dataset(data_dir, tables=(table,))
-    model = UpliftModel.load(model_dir, expected_features=dataset.meta.feature_columns)
+    model = load_model_for(model_dir, dataset)
     metrics, curve = model_metrics(
         model, dataset, dataset.meta.budget_or_default(budget), table, estimator
     )
@@ -321,31 +340,39 @@ def allocate_file(
     table are held in memory (about 40 bytes per user for M = 5); the model's deployed
     allocation (its calibrated lambda for this budget, else the exact MCKP on predicted
     costs) then picks one arm per user, written atomically as ``user_id, treatment``.
+    The table is refused, before anything is written, unless every user has exactly one
+    row with an integer id and finite values of every feature the model reads.
     """
+    budget = check_budget(budget)
     model = UpliftModel.load(model_dir)
-    source = pq.ParquetFile(users)
-    columns = source.schema_arrow.names
+    file = str(users)
+    columns = parquet_columns(Path(users))
+    check_column_names(columns, file)
     if USER_ID not in columns:
-        raise DataContractError(f"{users}: column {USER_ID!r} is required (rule: required column)")
+        raise DataContractError.broken(file, "required_columns", f"missing {[USER_ID]}", USER_ID)
     # columns are selected by name, so only missing features matter, not their order
-    check_feature_columns(model.feature_columns, [c for c in model.feature_columns if c in columns])
+    missing = [c for c in model.feature_columns if c not in columns]
+    if missing:
+        detail = f"missing from the data: {missing}; the model reads {model.feature_columns}"
+        raise FeatureMismatchError(rule_message(file, "model_features", detail, missing[0]))
     user_ids, revenue, cost = [], [], []
-    for batch in source.iter_batches(
-        batch_size=chunk_rows, columns=[USER_ID, *model.feature_columns]
-    ):
-        frame = batch.to_pandas()
-        x = torch.from_numpy(np.array(frame[model.feature_columns].to_numpy(np.float32), copy=True))
-        if not torch.isfinite(x).all():
-            bad = frame.columns[frame[model.feature_columns].isna().any()].tolist()
-            raise DataContractError(f"{users}: null or non-finite values in feature(s) {bad}")
-        rev, cst = model.predict(x)
-        user_ids.append(frame[USER_ID].to_numpy(np.int64))
-        revenue.append(rev)
-        cost.append(cst)
-    if not user_ids:
-        raise DataContractError(f"{users}: the table has no rows (rule: non-empty table)")
-    result = deploy(model, torch.cat(revenue), torch.cat(cost), float(budget))
+    with pq.ParquetFile(users) as source:
+        if source.metadata.num_rows == 0:
+            raise DataContractError.broken(file, "non_empty_table", "the table has no rows")
+        for batch in source.iter_batches(
+            batch_size=chunk_rows, columns=[USER_ID, *model.feature_columns]
+        ):
+            frame = batch.to_pandas()
+            check_user_ids(frame[USER_ID], file)
+            check_features(frame, model.feature_columns, file)
+            features = frame[model.feature_columns].to_numpy(np.float32)
+            rev, cst = model.predict(torch.from_numpy(np.array(features, copy=True)))
+            user_ids.append(frame[USER_ID].to_numpy(np.int64))
+            revenue.append(rev)
+            cost.append(cst)
     ids = np.concatenate(user_ids)
+    check_user_ids(pd.Series(ids), file)  # one row per user across chunks too
+    result = deploy(model, torch.cat(revenue), torch.cat(cost), budget)
     arms = result.treatment.cpu().numpy()
 
     def write(tmp: Path) -> None:

@@ -10,10 +10,13 @@ Data layout and versioning (see ``dvc.yaml`` and ``data.dvc``):
 
 - ``ingest`` writes the arriving batch to ``data/landing`` (simulated from params, or copied
   from a dataset folder); it is a dvc.yaml stage, so ``dvc repro`` works from a fresh clone.
-- ``validate`` checks ``data/landing`` and writes ``results/validation.json``.
-- ``version`` is ``data.dvc``: a DVC import of ``data/landing`` into ``data/raw``. DVC copies
-  the validated tables into its cache and records their hashes in ``data.dvc``; every later
-  stage reads ``data/raw``, never the landing folder.
+- ``validate`` checks ``data/landing`` and writes ``results/validation.json``; only a batch
+  that passed is published to ``data/validated`` (hard links to the landed files, so no copy).
+- ``version`` is ``data.dvc``: a DVC import of ``data/validated`` into ``data/raw``. Importing
+  the validate stage's output makes DVC run validation first, so ``dvc repro`` stops on a bad
+  batch before anything is versioned. DVC copies the validated tables into its cache and
+  records their hashes in ``data.dvc``; every later stage reads ``data/raw``, never the
+  landing folder.
 - ``train`` writes ``models/<method>/`` and ``models/manifest.json``; ``evaluate`` writes
   each method's ``Metrics`` record to ``results/scores/<method>.json`` and its budget-value
   curve to ``results/curves/<method>.csv`` (both read back by ``promote``), and for DVC
@@ -40,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from bidfcl.gate import PromoteParams, decide
-from bidfcl.io import atomic_write, replace_dir, write_json
+from bidfcl.io import atomic_write, project_lock, replace_dir, write_json
 from bidfcl.params import (
     SIMULATE,
     EvaluateParams,
@@ -55,18 +58,23 @@ if TYPE_CHECKING:
     from bidfcl.learner import EpochSummary
 
 LANDING_DIR = Path("data/landing")
+VALIDATED_DIR = Path("data/validated")  # the last batch that passed validation (data.dvc's source)
 RAW_DIR = Path("data/raw")
 DATA_DVC = "data.dvc"
 VALIDATION_REPORT = Path("results/validation.json")
 DATA_DOCS_DIR = Path("reports/data_docs")  # Great Expectations' HTML report (not versioned)
 MODELS_DIR = Path("models")
 MANIFEST_FILE = "manifest.json"
-METRICS_DIR = Path("results/scores")  # each method's full Metrics record (not a DVC metric)
+# Each method's MLflow run id and model URI: beside models/, not in it, so that models/ (and
+# its hash in dvc.lock) stays byte-identical when the same seed retrains the same weights.
+TRAINING_RUNS_FILE = Path("results/training_runs.json")
+SCORES_DIR = Path("results/scores")  # each method's full Metrics record (not a DVC metric)
 CURVES_DIR = Path("results/curves")
 METRICS_FILE = Path("results/metrics.json")  # DVC's metrics: see dvc_metrics
 BUDGET_VALUE_FILE = Path("results/budget_value.json")  # every method's curve, one row per point
 BUDGET_VALUE_PNG = Path("results/plots/budget_value.png")
 PROMOTION_FILE = Path("results/promotion.json")
+CHECKPOINTS_DIR = Path(".checkpoints")  # train's per-method checkpoints until it succeeds
 
 
 class ValidationFailed(RuntimeError):
@@ -77,7 +85,8 @@ class ValidationFailed(RuntimeError):
 
 
 def ingest(root: Path, config: IngestParams, progress: bool = False) -> Path:
-    """Write the arriving batch to ``data/landing``: simulated, or a copy of a dataset folder."""
+    """Write the arriving batch to ``data/landing``: simulated, or a copy of a dataset
+    folder's contract files (a batch holding symbolic links is refused)."""
     from bidfcl.simulate import SimulatorConfig, simulate_to_folder
 
     dest = root / LANDING_DIR
@@ -89,32 +98,72 @@ def ingest(root: Path, config: IngestParams, progress: bool = False) -> Path:
             seed=config.seed,
         )
         return replace_dir(dest, lambda tmp: simulate_to_folder(tmp, simulator, progress))
+    from bidfcl.contract import META_FILE, TABLES, TRUTH_FILE, DataContractError, table_file
+
     source = Path(config.source)
     source = source if source.is_absolute() else root / source
     if not source.is_dir():
         raise FileNotFoundError(f"ingest.source: {source} is not a dataset folder")
+    # Only the contract's files, and never through a link: a batch must not smuggle in
+    # a file from elsewhere on the machine (it would be versioned and cached by DVC).
+    links = sorted(path.name for path in source.iterdir() if path.is_symlink())
+    if links:
+        raise DataContractError(
+            f"ingest.source: {source} holds symbolic links ({', '.join(links)}); a batch "
+            "must hold its own files"
+        )
+    names = [META_FILE, *map(table_file, TABLES), TRUTH_FILE]
+    present = [name for name in names if (source / name).exists()]
+    for name in present:
+        if not (source / name).is_file():
+            raise DataContractError(f"{source / name}: not a regular file")
 
     def copy(tmp: Path) -> None:
-        shutil.copytree(source, tmp, dirs_exist_ok=True)
+        for name in present:  # O_NOFOLLOW: a file swapped for a link since the check fails
+            with (
+                open(os.open(source / name, os.O_RDONLY | os.O_NOFOLLOW), "rb") as read,
+                open(tmp / name, "wb") as write,
+            ):
+                shutil.copyfileobj(read, write)
 
     return replace_dir(dest, copy)
 
 
 def validate(root: Path, config: ValidateParams) -> dict[str, Any]:
     """Check ``data/landing`` against the suites; write the report and Great Expectations'
-    Data Docs (``reports/data_docs/index.html``); raise if it failed."""
-    from bidfcl.validation import validate_dataset, write_report
+    Data Docs (``reports/data_docs/index.html``); raise if it failed, else publish the batch
+    as ``data/validated``, the only folder ``version`` imports (a failure leaves the last
+    accepted batch there)."""
+    from bidfcl.validation import SuiteSettings, validate_dataset, write_report
 
+    settings = SuiteSettings(
+        propensity_floor=config.propensity_floor,
+        require_default_budget=config.require_default_budget is not False,
+    )
     with chdir(root):  # the committed report names project-relative paths
-        report = validate_dataset(LANDING_DIR, config.suites, data_docs=DATA_DOCS_DIR)
+        report = validate_dataset(LANDING_DIR, config.suites, DATA_DOCS_DIR, settings)
     write_report(report, root / VALIDATION_REPORT)
     if not report.passed:
         raise ValidationFailed(report.render())
+    replace_dir(root / VALIDATED_DIR, lambda tmp: _link_tree(root / LANDING_DIR, tmp))
     return report.to_dict()
 
 
+def _link_tree(source: Path, dest: Path) -> None:
+    """Fill ``dest`` with hard links to the files under ``source`` (a copy where the file
+    system has no hard links): every writer replaces files by rename, so they stay apart."""
+
+    def link(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    shutil.copytree(source, dest, copy_function=link, dirs_exist_ok=True)
+
+
 def version(root: Path) -> dict[str, Any]:
-    """Version the validated batch: DVC imports ``data/landing`` into ``data/raw``.
+    """Version the validated batch: DVC imports ``data/validated`` into ``data/raw``.
 
     This reproduces the ``data.dvc`` stage (copy into the cache, hashes into data.dvc); it is
     a no-op when the landing folder has not changed since the last version.
@@ -136,9 +185,14 @@ def train(
 
     Each method trains inside its own MLflow run (``tracking``: the project's store by
     default), which gets every epoch's metrics and duration as they happen, the dataset's
-    DVC hash as its input, the git commit, and finally the model; the manifest records the
-    run ids. ``on_epoch(method, summary)`` hears every epoch too (the log line of the CLI
-    and the flow); the summary names a warm start's or Teacher's own method.
+    DVC hash as its input, the git commit, and finally the model;
+    ``results/training_runs.json`` records the run ids. ``on_epoch(method, summary)`` hears
+    every epoch too (the log line of the CLI and the flow); the summary names a warm start's
+    or Teacher's own method.
+
+    It holds the project lock. Each method checkpoints into ``.checkpoints/<method>/`` every
+    epoch, so a rerun after a crash resumes where the killed run stopped (reusing finished
+    phases and methods); the checkpoints are deleted once ``models/`` is in place.
     """
     from bidfcl import registry
     from bidfcl.learner import observe_training
@@ -146,15 +200,15 @@ def train(
 
     tracking = tracking or TrackingParams()
     methods = config.methods
-    lineage = registry.Lineage(
-        data_path=root / RAW_DIR,
-        data_digest=_dvc_out_md5(root / DATA_DVC),
-        git_commit=_git_commit(root),
-        dvc_experiment=registry.dvc_experiment(),
-    )
+    checkpoints = root / CHECKPOINTS_DIR
 
     def build(tmp: Path) -> None:
-        runs = {}
+        lineage = registry.Lineage(
+            data_path=root / RAW_DIR,
+            data_digest=_dvc_out_md5(root / DATA_DVC),
+            git_commit=_git_commit(root),
+            dvc_experiment=registry.dvc_experiment(),
+        )
         with registry.tracking(root, tracking.uri, tracking.experiment):
             for method in methods:
 
@@ -163,15 +217,19 @@ def train(
                     if on_epoch is not None:
                         on_epoch(method, summary)
 
+                method_config = replace(
+                    config.config_for(method), checkpoint_dir=str(checkpoints / method)
+                )
                 with registry.training_run(method, lineage), observe_training(observe):
-                    train_to_folder(
-                        root / RAW_DIR, tmp / method, config.config_for(method), progress
-                    )
+                    train_to_folder(root / RAW_DIR, tmp / method, method_config, progress)
                     runs[method] = registry.log_trained_model(tmp / method)
-        manifest = {"candidate": methods[0], "methods": methods, "runs": runs}
-        write_json(tmp / MANIFEST_FILE, manifest)
+        write_json(tmp / MANIFEST_FILE, {"candidate": methods[0], "methods": methods})
 
-    replace_dir(root / MODELS_DIR, build)
+    runs: dict[str, dict[str, str]] = {}
+    with project_lock(root):
+        replace_dir(root / MODELS_DIR, build)
+        write_json(root / TRAINING_RUNS_FILE, runs)
+        shutil.rmtree(checkpoints, ignore_errors=True)
     return methods
 
 
@@ -266,7 +324,7 @@ def evaluate(root: Path, config: EvaluateParams) -> dict[str, Metrics]:
         f"Budget-value curves: {config.estimator.upper()} estimate on held-out {config.table}",
     )
     replace_dir(root / CURVES_DIR, build_curves)
-    replace_dir(root / METRICS_DIR, build_metrics)
+    replace_dir(root / SCORES_DIR, build_metrics)
     write_json(
         root / BUDGET_VALUE_FILE,
         [{"method": m, **row} for m, curve in drawn.items() for row in curve.to_dict("records")],
@@ -312,7 +370,7 @@ def read_metrics(root: Path) -> dict[str, Metrics]:
     """Each trained method's full :class:`Metrics` record as ``evaluate`` wrote it, candidate
     first (``results/metrics.json`` keeps only a summary)."""
     return {
-        method: Metrics.read(root / METRICS_DIR / f"{method}.json")
+        method: Metrics.read(root / SCORES_DIR / f"{method}.json")
         for method in read_manifest(root)["methods"]
     }
 
@@ -340,12 +398,25 @@ def promote(
     ``baseline`` method's, paired on the same users (:func:`bidfcl.scoring.compare_models`).
     Every decision is counted against the held-out table it was taken on, because a test
     set reused night after night slowly turns into a training set for the gate.
+
+    It holds the project lock from reading its inputs to writing promotion.json, so two
+    promotions never judge against the same champion: the second waits, then compares with
+    the champion the first left. Versions whose promotion was killed before deciding are
+    tagged ``decision=abandoned`` first (listed under ``abandoned_versions``), and a champion
+    alias such a promotion had moved goes back (:func:`registry.settle_interrupted_promotions`).
     """
+    with project_lock(root):
+        return _promote(root, config, tracking or TrackingParams(), promotion_key)
+
+
+def _promote(
+    root: Path, config: PromoteParams, tracking: TrackingParams, promotion_key: str | None
+) -> dict[str, Any]:
+    """:func:`promote`'s work, run under the project lock."""
     from bidfcl import registry
     from bidfcl.contract import load_dataset, table_file
     from bidfcl.model import WEIGHTS_FILE, UpliftModel
 
-    tracking = tracking or TrackingParams()
     manifest = read_manifest(root)
     metrics = read_metrics(root)
     report_path = root / VALIDATION_REPORT
@@ -354,12 +425,12 @@ def promote(
     )
     candidate = manifest["candidate"]
     challenger = metrics[candidate]
-    runs = manifest["runs"]
+    runs = json.loads((root / TRAINING_RUNS_FILE).read_text())
     key = promotion_key or _digest(
         [
             root / MODELS_DIR / MANIFEST_FILE,
             root / MODELS_DIR / candidate / WEIGHTS_FILE,
-            *(root / METRICS_DIR / f"{method}.json" for method in manifest["methods"]),
+            *(root / SCORES_DIR / f"{method}.json" for method in manifest["methods"]),
         ]
     )
     experiment = registry.dvc_experiment()
@@ -374,8 +445,9 @@ def promote(
         for method in manifest["methods"]:
             curve = root / CURVES_DIR / f"{method}.csv"
             registry.log_evaluation(runs[method]["run_id"], metrics[method], curve, tags)
-        version_number = None
+        version_number, abandoned = None, []
         if experiment is None:
+            abandoned = registry.settle_interrupted_promotions(config, key)
             model_uri = runs[candidate]["model_uri"]
             version_number = registry.register_challenger(model_uri, config, key)
         champion = registry.alias_version(config, registry.CHAMPION)
@@ -420,6 +492,7 @@ def promote(
         **{k: v for k, v in asdict(decision).items() if k != "promoted"},
         "holdout": {"table": challenger.table, "md5": holdout, "decisions": holdout_uses},
         "champion_version": champion,
+        "abandoned_versions": abandoned,
         "dvc_experiment": experiment,
         # as configured (relative to the project root), so the committed file is portable
         "tracking_uri": registry.redacted(os.environ.get(registry.TRACKING_ENV) or tracking.uri),

@@ -30,6 +30,9 @@ class TrainConfig:
     """Everything in params.yaml's ``train:`` section (see that file for the meaning).
 
     ``budget`` is the mean cost per user; None takes the dataset's ``default_budget``.
+    ``checkpoint_dir``: a folder of this run's own where each training phase checkpoints
+    every epoch, so that a rerun after a crash resumes instead of starting over (None: no
+    checkpoints, as a library call wants; the pipeline's train stage sets one).
     """
 
     method: str = "tsm-rct"
@@ -73,6 +76,7 @@ class TrainConfig:
     num_threads: int | None = None
     fast_dev_run: bool = False
     log_dir: str | None = None
+    checkpoint_dir: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "hidden", tuple(int(w) for w in self.hidden))

@@ -38,33 +38,62 @@ from great_expectations.data_context.types.base import (
 
 from bidfcl.contract import (
     META_FILE,
+    N_EXAMPLES,
     OBS,
-    OUTCOME_COLUMNS,
-    PROPENSITY,
+    PROPENSITY_FLOOR,
     RCT_TABLES,
+    RESERVED_COLUMNS,
     TABLES,
-    TREATMENT,
+    TRUTH_FILE,
     USER_ID,
     DataContractError,
     DatasetMeta,
-    read_table,
+    read_parquet_file,
+    rule_message,
     table_file,
+    truth_cost_columns,
+    truth_revenue_columns,
 )
 from bidfcl.gx_expectations import FeatureBalanceSmd, TreatmentFrequencyMatchesPropensity
 from bidfcl.io import write_json
 
 EXPECTATIONS_DIRNAME = "expectations"
 META_SUITE = "meta"
+TRUTH_SUITE = "truth"
 SUITE_OF_TABLE = {OBS: "obs", **dict.fromkeys(RCT_TABLES, "rct")}
 DATA_DOCS_SITE = "bidfcl"
+DEFAULT_BUDGET = "default_budget"
 
-N_EXAMPLES = 5
-"""How many offending values a failure quotes."""
-
-PLACEHOLDERS = ("$features", "$treatments", "$row_columns")
-"""Names a template may use for values that come from meta.json (see ``_placeholders``)."""
-RESERVED_COLUMNS = (USER_ID, TREATMENT, *OUTCOME_COLUMNS, PROPENSITY)
+PLACEHOLDERS = (
+    "$features",
+    "$treatments",
+    "$row_columns",
+    "$truth_columns",
+    "$truth_outcomes",
+    "$propensity_floor",
+    "$required_budget",
+)
+"""Names a template may use for values that come from meta.json or from the validate
+settings (see ``_placeholders``)."""
 _COLUMN_KWARGS = ("column", "column_A", "column_B", "treatment_column", "propensity_column")
+
+
+@dataclass(frozen=True)
+class SuiteSettings:
+    """The validate settings the templates refer to (params.yaml's ``validate:``).
+
+    ``propensity_floor``: the smallest RCT propensity accepted, because IPW weighs a row by
+    1 / p. ``require_default_budget``: meta.json must hold ``default_budget``, as the pipeline
+    needs when it takes its budget from there; a ``default_budget`` that is present is
+    checked either way.
+    """
+
+    propensity_floor: float = PROPENSITY_FLOOR
+    require_default_budget: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0 < self.propensity_floor < 1:
+            raise ValueError(f"propensity_floor must lie in (0, 1), got {self.propensity_floor}")
 
 
 @dataclass(frozen=True)
@@ -123,6 +152,7 @@ def validate_dataset(
     folder: Path | str,
     suites_dir: Path | str | None = None,
     data_docs: Path | str | None = None,
+    settings: SuiteSettings = SuiteSettings(),
 ) -> ValidationReport:
     """Check every file of a dataset folder against its suite; Data Docs go to ``data_docs``.
 
@@ -131,9 +161,8 @@ def validate_dataset(
     """
     folder = Path(folder)
     suites_dir = Path(suites_dir) if suites_dir is not None else default_suites_dir()
-    templates = {
-        name: _read_template(suites_dir, name) for name in {META_SUITE, *SUITE_OF_TABLE.values()}
-    }
+    suites = {META_SUITE, TRUTH_SUITE, *SUITE_OF_TABLE.values()}
+    templates = {name: _read_template(suites_dir, name) for name in suites}
     runner = _SuiteRunner(folder.resolve().name, None if data_docs is None else Path(data_docs))
     failures: list[Failure] = []
     checks_run = 1
@@ -145,7 +174,8 @@ def validate_dataset(
         failures.append(meta_failure)
     else:
         frame = _meta_frame(raw_meta)
-        results = runner.run(frame, build_suite(templates[META_SUITE], None, frame.columns))
+        suite = build_suite(templates[META_SUITE], None, frame.columns, settings=settings)
+        results = runner.run(frame, suite)
         failures += _failures(META_FILE, results)
         checks_run += len(results)
         meta = _usable_meta(raw_meta)
@@ -155,14 +185,15 @@ def validate_dataset(
     frames: dict[str, pd.DataFrame] = {}
     randomization: dict[str, Any] = {}
     for table in TABLES:
-        frame, read_failure = _read_frame(folder, table)
+        frame, read_failure = _read_frame(folder / table_file(table))
         checks_run += 1
         if read_failure is not None:
             failures.append(read_failure)
             continue
         frames[table] = frame
         details["tables"][table] = len(frame)
-        suite = build_suite(templates[SUITE_OF_TABLE[table]], meta, frame.columns, name=table)
+        template = templates[SUITE_OF_TABLE[table]]
+        suite = build_suite(template, meta, frame.columns, name=table, settings=settings)
         results = runner.run(frame, suite)
         failures += _failures(table_file(table), results)
         checks_run += len(results)
@@ -171,6 +202,16 @@ def validate_dataset(
 
     failures += _user_ids_across_tables(frames)
     checks_run += 1
+    if (folder / TRUTH_FILE).exists():  # simulated data only
+        truth, read_failure = _read_frame(folder / TRUTH_FILE)
+        checks_run += 1
+        if read_failure is not None:
+            failures.append(read_failure)
+        else:
+            suite = build_suite(templates[TRUTH_SUITE], meta, truth.columns, settings=settings)
+            results = runner.run(truth, suite)
+            failures += _failures(TRUTH_FILE, results) + _truth_covers_users(truth, frames)
+            checks_run += len(results) + 1
     if meta is not None:
         details["randomization"] = randomization
     if runner.docs_index is not None:
@@ -196,16 +237,19 @@ def resolve_template(
     template: dict[str, Any],
     meta: DatasetMeta | None,
     columns: Collection[str] | None = None,
+    settings: SuiteSettings = SuiteSettings(),
 ) -> dict[str, Any]:
-    """A suite template with its ``$placeholders`` filled from meta.json: plain GX suite JSON.
+    """A suite template with its ``$placeholders`` filled from meta.json and ``settings``:
+    plain GX suite JSON.
 
-    ``"column": "$features"`` repeats a rule per feature; other placeholders become lists.
-    Rules whose placeholders meta.json cannot fill (``meta`` is None when it is unusable)
+    ``"column": "$features"`` repeats a rule per feature; other placeholders become lists
+    or values. Rules whose placeholders cannot be filled (``meta`` is None when it is
+    unusable; ``$required_budget`` only exists when ``settings`` require a default budget)
     are left out. ``columns`` are the table's own: rules on columns it lacks are left out
     too (the column-set rule reports each once), and so are the template's
     ``optional_columns`` it lacks from ``$row_columns``; None keeps every rule.
     """
-    placeholders = _placeholders(meta)
+    placeholders = _placeholders(meta, settings)
     present = None if columns is None else set(columns)
     optional = set(template.get("meta", {}).get("optional_columns", []))
     expectations = [
@@ -221,12 +265,13 @@ def build_suite(
     meta: DatasetMeta | None,
     columns: Collection[str] | None = None,
     name: str | None = None,
+    settings: SuiteSettings = SuiteSettings(),
 ) -> gx.ExpectationSuite:
     """The real GX suite of one file: ``template`` resolved, named ``name`` or as the template.
 
-    See :func:`resolve_template` for ``meta`` and ``columns``.
+    See :func:`resolve_template` for ``meta``, ``columns`` and ``settings``.
     """
-    resolved = resolve_template(template, meta, columns)
+    resolved = resolve_template(template, meta, columns, settings)
     return gx.ExpectationSuite(**{**resolved, "name": name or resolved["name"]})
 
 
@@ -247,20 +292,30 @@ def _read_template(suites_dir: Path, name: str) -> dict[str, Any]:
     return suite
 
 
-def _placeholders(meta: DatasetMeta | None) -> dict[str, list]:
-    """Values the templates refer to as ``$name``; empty when meta.json is unusable."""
+def _placeholders(meta: DatasetMeta | None, settings: SuiteSettings) -> dict[str, Any]:
+    """Values the templates refer to as ``$name``: the settings', and meta.json's unless it
+    is unusable."""
+    values: dict[str, Any] = {"$propensity_floor": settings.propensity_floor}
+    if settings.require_default_budget:
+        values["$required_budget"] = [DEFAULT_BUDGET]
     if meta is None:
-        return {}
-    return {
+        return values
+    outcomes = [
+        *truth_revenue_columns(meta.n_treatments),
+        *truth_cost_columns(meta.n_treatments),
+    ]
+    return values | {
         "$features": list(meta.feature_columns),
         "$treatments": list(range(meta.n_treatments)),
         "$row_columns": meta.row_columns,
+        "$truth_columns": [USER_ID, *outcomes],
+        "$truth_outcomes": outcomes,
     }
 
 
 def _expand(
     expectation: dict[str, Any],
-    placeholders: dict[str, list],
+    placeholders: dict[str, Any],
     present: set[str] | None,
     optional_columns: set[str],
 ) -> list[dict[str, Any]]:
@@ -414,8 +469,11 @@ def _failure_from_result(file: str, result: ExpectationValidationResult) -> Fail
 
 
 def _rule_arguments(kwargs: dict[str, Any]) -> str:
+    """A rule's thresholds as ``name=value`` (numbers short: 1e+15, not sixteen digits)."""
     return ", ".join(
-        f"{k}={_short(v)}" for k, v in kwargs.items() if k not in _COLUMN_KWARGS and v is not None
+        f"{k}={f'{v:g}' if isinstance(v, float) else _short(v)}"
+        for k, v in kwargs.items()
+        if k not in _COLUMN_KWARGS and v is not None
     )
 
 
@@ -429,13 +487,8 @@ def _failure(
 ) -> Failure:
     """A Failure whose one-line message names the file, column, rule, rows and examples."""
     quoted = [_plain(value) for value in (examples or [])[:N_EXAMPLES]]
-    message = f"{file}: {f'column {column!r}' if column else 'file'} breaks {rule}"
-    if detail:
-        message += f" ({detail})"
-    if n_rows:
-        message += f" in {n_rows} row(s)"
-    if quoted:
-        message += "; e.g. " + ", ".join(_short(value) for value in quoted)
+    shown = [_short(value) for value in quoted]
+    message = rule_message(file, rule, detail, column or None, n_rows=n_rows, examples=shown)
     return Failure(file, column, rule, n_rows, quoted, message)
 
 
@@ -476,6 +529,10 @@ def _meta_frame(raw: dict[str, Any]) -> pd.DataFrame:
     features = raw.get("feature_columns")
     if isinstance(features, list):
         row["reserved(feature_columns)"] = sum(str(f) in RESERVED_COLUMNS for f in features)
+    if DEFAULT_BUDGET in raw:  # range rules need a number; the type rule reports the rest
+        budget = raw[DEFAULT_BUDGET]
+        number = isinstance(budget, int | float) and not isinstance(budget, bool)
+        row[f"number({DEFAULT_BUDGET})"] = budget if number else None
     return pd.DataFrame({key: pd.Series([value], dtype=object) for key, value in row.items()})
 
 
@@ -485,27 +542,38 @@ def _usable_meta(raw: dict[str, Any]) -> DatasetMeta | None:
     When the arm count and the arm names disagree there is no telling which is right, so
     the checks that depend on them are skipped (the meta suite has reported the conflict).
     """
-    n_treatments = raw.get("n_treatments")
-    names = raw.get("treatment_names")
-    sound = (
-        isinstance(n_treatments, int)
-        and not isinstance(n_treatments, bool)
-        and isinstance(names, list)
-        and len(names) == n_treatments >= 1
-        and isinstance(raw.get("feature_columns"), list)
-    )
-    # The table checks never read ``source``; a missing one is the meta suite's to report.
-    return DatasetMeta.from_dict({"source": "", **raw}) if sound else None
-
-
-def _read_frame(folder: Path, table: str) -> tuple[pd.DataFrame, Failure | None]:
-    try:
-        return read_table(folder, table), None
+    try:  # the table checks never read ``source``; a missing one is the meta suite's to report
+        return DatasetMeta.from_dict({"source": "", **raw})
     except DataContractError:
-        return pd.DataFrame(), _failure(table_file(table), None, "file_exists", "file not found")
-    except (OSError, ValueError) as err:
-        message = f"parquet error: {err}"
-        return pd.DataFrame(), _failure(table_file(table), None, "readable_parquet", message)
+        return None
+
+
+def _read_frame(path: Path) -> tuple[pd.DataFrame, Failure | None]:
+    """A parquet file, or the rule it breaks (missing, not parquet, repeated column names)."""
+    try:
+        return read_parquet_file(path), None
+    except DataContractError as err:
+        rule = err.rule or "readable_parquet"
+        return pd.DataFrame(), _failure(path.name, err.column, rule, err.detail)
+
+
+def _truth_covers_users(truth: pd.DataFrame, frames: dict[str, pd.DataFrame]) -> list[Failure]:
+    """Scores on simulated data set each user's truth beside the estimate; a user without one
+    cannot be scored. Ids of another type are the type rules' to report."""
+    if USER_ID not in truth.columns or not pd.api.types.is_integer_dtype(truth[USER_ID]):
+        return []
+    failures = []
+    for table, frame in frames.items():
+        if USER_ID not in frame.columns or not pd.api.types.is_integer_dtype(frame[USER_ID]):
+            continue
+        lacking = frame.loc[~frame[USER_ID].isin(truth[USER_ID]), USER_ID]
+        if len(lacking):
+            detail = f"users of {table_file(table)} without ground truth"
+            examples = lacking.head(N_EXAMPLES).tolist()
+            failures.append(
+                _failure(TRUTH_FILE, USER_ID, "truth_covers_users", detail, len(lacking), examples)
+            )
+    return failures
 
 
 # ----------------------------------------------------------------------------- cross-table
