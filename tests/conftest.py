@@ -14,7 +14,9 @@ from typing import Any
 
 import pytest
 
+from bidfcl import stages
 from bidfcl.contract import Dataset
+from bidfcl.io import write_json
 
 # Set on import, before the test modules import the libraries (some read them at import);
 # subprocesses (dvc, the Prefect and MLflow servers) inherit them.
@@ -139,3 +141,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def project(small_dataset_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A project with validated data in data/raw and its own sqlite MLflow store."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    root = tmp_path / "project"
+    shutil.copytree(small_dataset_dir, root / stages.RAW_DIR)
+    write_json(root / stages.VALIDATION_REPORT, {"passed": True})
+    return root

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -22,7 +21,7 @@ from mlflow.tracking import MlflowClient
 
 from bidfcl import registry, stages
 from bidfcl.gate import PromoteParams
-from bidfcl.io import LOCK_FILE, project_lock, write_json
+from bidfcl.io import LOCK_FILE, project_lock
 from bidfcl.params import EvaluateParams, TrackingParams, TrainParams
 from bidfcl.train_config import TrainConfig
 
@@ -67,16 +66,6 @@ def wait_for(path: Path, timeout: float = 120.0) -> None:
     while not path.exists():
         assert time.monotonic() < deadline, f"{path} never appeared"
         time.sleep(0.02)
-
-
-@pytest.fixture
-def project(small_dataset_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A project with validated data in data/raw and its own sqlite MLflow store."""
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    root = tmp_path / "project"
-    shutil.copytree(small_dataset_dir, root / stages.RAW_DIR)
-    write_json(root / stages.VALIDATION_REPORT, {"passed": True})
-    return root
 
 
 def test_two_promotions_at_once_race_to_exactly_one_champion(project: Path) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -24,7 +23,7 @@ from mlflow.tracking import MlflowClient
 from bidfcl import registry, stages
 from bidfcl.contract import load_dataset
 from bidfcl.gate import PromoteParams
-from bidfcl.io import remove_stale_staging, replace_dir, write_json
+from bidfcl.io import remove_stale_staging, replace_dir
 from bidfcl.learner import CHECKPOINT_FILE, EpochSummary, observe_training
 from bidfcl.methods import FITTED_DIR, train_model
 from bidfcl.model import UpliftModel
@@ -217,16 +216,6 @@ def test_a_killed_replace_dir_leaves_staging_the_next_one_removes_resume(tmp_pat
 # --------------------------------------------------------------------------- stages
 
 FAST = {"max_epochs": 3, "patience": 10, "num_threads": 1}
-
-
-@pytest.fixture
-def project(small_dataset_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A project with validated data in data/raw and its own sqlite MLflow store."""
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    root = tmp_path / "project"
-    shutil.copytree(small_dataset_dir, root / stages.RAW_DIR)
-    write_json(root / stages.VALIDATION_REPORT, {"passed": True})
-    return root
 
 
 TRAIN_STAGE_SCRIPT = """
