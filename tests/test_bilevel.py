@@ -4,19 +4,25 @@ bilevel problem, and the bidfcl-* methods end to end."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 import pytest
 import torch
+from torch.func import functional_call
 
 from bidfcl.bilevel import (
+    BilevelLearner,
     conjugate_gradient,
     implicit_hypergradient,
     unrolled_hypergradient,
 )
-from bidfcl.contract import OBS, RCT_TRAIN, RCT_VAL, Dataset
+from bidfcl.contract import OBS, RCT_TRAIN, RCT_VAL, Dataset, LoggedData
 from bidfcl.datamodule import ObsRctDataModule
+from bidfcl.decision import ppl_decision
 from bidfcl.methods import train_model
+from bidfcl.model import ModelConfig, UpliftModel
+from bidfcl.simulate import SimulatorConfig, simulate
 from bidfcl.train_config import TrainConfig
 
 TINY = TrainConfig(
@@ -229,3 +235,100 @@ def test_implicit_hypergradient_falls_back_to_damping_without_positive_curvature
     # v = grad L_upper / damping = -2 target; d/dphi (grad_theta L_lower . v) = v.
     assert cg.iterations == 0
     assert torch.allclose(grad, 2 * target)
+
+
+def _float64(rows: LoggedData) -> LoggedData:
+    floats = ("x", "revenue", "cost", "propensity")
+    return replace(rows, **{name: getattr(rows, name).double() for name in floats})
+
+
+def _minimise(loss: Callable[[torch.Tensor], torch.Tensor], start: torch.Tensor) -> torch.Tensor:
+    """A strict local minimum of ``loss`` to gradient norm ~1e-11: L-BFGS, then Newton."""
+    theta = start.clone().requires_grad_(True)
+    lbfgs = torch.optim.LBFGS([theta], max_iter=500, history_size=50, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        lbfgs.zero_grad()
+        value = loss(theta)
+        value.backward()
+        return value
+
+    lbfgs.step(closure)
+    theta = theta.detach()
+    for _ in range(100):
+        grad = torch.func.grad(loss)(theta)
+        if float(grad.norm()) < 1e-11:
+            break
+        step = torch.linalg.solve(torch.func.hessian(loss)(theta), grad)
+        scale = 1.0
+        while float(loss(theta - scale * step)) > float(loss(theta)) and scale > 1e-8:
+            scale /= 2
+        theta = theta - scale * step
+    assert float(torch.func.grad(loss)(theta).norm()) < 1e-9
+    return theta
+
+
+def test_the_learners_hypergradient_matches_finite_differences_of_its_lower_problem() -> None:
+    """The Bridge's gradient as the learner computes it (its real lower loss: factual OBS MSE
+    plus gated pseudo-labels; the RCT PPL loss above; exact curvature, CG) against central
+    differences of the upper loss at the re-solved lower optimum. ``cg_damping`` d makes the
+    implicit solve exact for the lower loss plus (d/2)||theta - theta_0||^2, so that is the
+    lower problem the differences re-solve (it also makes the optimum unique)."""
+    torch.manual_seed(0)
+    data = simulate(SimulatorConfig(n_obs=300, n_rct=400, seed=3))
+    obs, rct = _float64(data.logged(OBS)), _float64(data.logged(RCT_TRAIN))
+    shape = ModelConfig(hidden=(4,), activation="tanh")
+    model = UpliftModel.build(
+        obs.x.float(), data.meta.feature_columns, data.meta.treatment_names, shape
+    )
+    model.net.double()
+    model.scaler.double()
+    config = TrainConfig(method="bidfcl-ppl", hidden=(4,), activation="tanh", bridge_hidden=(4,))
+    learner = BilevelLearner(model, ppl_decision, config, data.meta.budget_or_default(None), 1e-3)
+    learner.bridge.double()
+    learner.teacher.double()
+    with torch.no_grad():  # gates away from 0.5 and a Teacher that differs from the Target
+        for param in learner.bridge.parameters():
+            param.normal_(0, 0.3)
+        for param in learner.teacher.parameters():
+            param.add_(0.2 * torch.randn_like(param))
+    learner.lam = 0.5
+    context = learner._context(obs)
+    x_rct = learner.scaler(rct.x)
+    theta_0 = torch.cat([p.detach().reshape(-1) for p in learner.net.parameters()])
+    damping = 0.1
+
+    def lower(theta: torch.Tensor, phi: Sequence[torch.Tensor]) -> torch.Tensor:
+        gates = dict(zip(learner.bridge_names, phi, strict=True))
+        return learner._lower_loss(learner._unflatten(theta), gates, context)
+
+    def upper(theta: torch.Tensor) -> torch.Tensor:
+        revenue, cost = functional_call(learner.net, learner._unflatten(theta), (x_rct,))
+        return ppl_decision(revenue, cost, rct, learner.lam, config.decision_settings)
+
+    def optimum(phi: Sequence[torch.Tensor], start: torch.Tensor) -> torch.Tensor:
+        return _minimise(
+            lambda t: lower(t, phi) + 0.5 * damping * (t - theta_0).square().sum(), start
+        )
+
+    phi = [p.detach().clone() for p in learner.bridge.parameters()]
+    theta_star = optimum(phi, theta_0)
+    grads, cg = implicit_hypergradient(
+        lower, upper, theta_star, [p.clone().requires_grad_(True) for p in phi], 500, 1e-12, damping
+    )
+    direction = [torch.randn_like(p) for p in phi]
+    analytic = float(sum((g * d).sum() for g, d in zip(grads, direction, strict=True)))
+    eps = 1e-4
+    moved = [
+        float(
+            upper(
+                optimum(
+                    [p + sign * eps * d for p, d in zip(phi, direction, strict=True)], theta_star
+                )
+            )
+        )
+        for sign in (1, -1)
+    ]
+    numeric = (moved[0] - moved[1]) / (2 * eps)
+    assert cg.iterations > 10 and cg.relative_residual < 1e-10
+    assert abs(analytic - numeric) <= 1e-3 * abs(numeric)
