@@ -52,6 +52,9 @@ def test_every_method_runs_a_fast_dev_run(tiny: Dataset, method: str) -> None:
     if method.startswith("dfcl-"):
         assert meta["warm_start"]["method"] == "tsm-rct"
         assert meta["history"][0]["lambda"] >= 0
+    elif method == "tsm-obs-ft":  # pre-trained on OBS, fine-tuned on the RCT
+        assert meta["warm_start"]["method"] == "tsm-obs"
+        assert meta["training_tables"] == [RCT_TRAIN]
     else:
         assert meta["warm_start"] is None
 

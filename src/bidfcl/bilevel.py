@@ -9,7 +9,8 @@ Three networks:
   cost) mixing Teacher and Target predictions into those pseudo-labels:
   label = w * teacher + (1 - w) * anchor, the anchor being the Target's own prediction
   before the step. The ablation bridge (``bridge: ipw``) instead gives one weight per OBS
-  row on the factual MSE, with no pseudo-labels.
+  row on the factual MSE, with no pseudo-labels. With ``fixed_gate`` g the gates are the
+  constant g and the Bridge never steps: the ablation a learned Bridge has to beat.
 
 Upper level: phi minimises the RCT decision loss (PPL or PIFD at lambda*) of theta*(phi).
 Every ``bilevel_k``-th OBS batch the learner copies theta, takes k look-ahead SGD steps
@@ -258,7 +259,8 @@ class BilevelLearner(UpliftLearner):
         target_opt, bridge_opt = self.optimizers()
         context = self.last_context = self._context(batch["obs"])
         warm = self.current_epoch < self.config.bridge_warmup_epochs
-        if not warm and batch_idx % self.config.bilevel_k == 0:
+        learned = self.config.fixed_gate is None
+        if learned and not warm and batch_idx % self.config.bilevel_k == 0:
             hypergradient = self._hypergradient(context, batch["rct"])
             if all(bool(torch.isfinite(g).all()) for g in hypergradient):
                 bridge_opt.zero_grad()
@@ -301,7 +303,9 @@ class BilevelLearner(UpliftLearner):
 
     def on_train_epoch_end(self) -> None:
         self.log("hyper_steps", float(self.hyper_steps), on_step=False, on_epoch=True)
-        if self.last_context is not None:
+        if self.config.fixed_gate is not None:
+            self.gate_means.append(self.config.fixed_gate)
+        elif self.last_context is not None:
             with torch.no_grad():
                 self.gate_means.append(float(self.bridge(self.last_context.bridge_inputs).mean()))
 
@@ -329,7 +333,11 @@ class BilevelLearner(UpliftLearner):
         loss is zero with zero residuals and its Hessian at theta is the Gauss-Newton one.
         """
         revenue_hat, cost_hat = functional_call(self.net, theta, (ctx.x_scaled,))
-        gates = functional_call(self.bridge, phi, (ctx.bridge_inputs,))
+        if self.config.fixed_gate is None:
+            gates = functional_call(self.bridge, phi, (ctx.bridge_inputs,))
+        else:
+            shape_of = ctx.teacher if self.config.bridge == "gate" else ctx.batch.revenue
+            gates = torch.full_like(shape_of, self.config.fixed_gate)
         b = ctx.batch
         revenue, cost = b.revenue, b.cost
         if gauss_newton:

@@ -13,9 +13,13 @@ is one entry of :data:`METHOD_SPECS`.
   warm-started from a ``tsm-rct`` model.
 - ``dfcl-pl`` / ``dfcl-ifd``: DFCL's dual losses over a lambda grid (scales of the current
   lambda*), plus alpha * MSE; warm-started the same way.
+- ``tsm-obs-ft``: tsm-obs, then fine-tuned by the factual MSE on RCT train (the first
+  data-fusion baseline practitioners reach for with a big biased log and a small trial).
 - ``bidfcl-ppl`` / ``bidfcl-pifd``: the bi-level learner of :mod:`bidfcl.bilevel` (a Bridge
   tuned by the RCT decision loss mixes a frozen tsm-rct Teacher into the OBS pseudo-labels
   of the Target); the Teacher is trained here and is also the Target's start.
+- ``bidfcl-fixed``: the same Target with the Bridge frozen at a constant gate chosen on
+  rct_val (the ablation that shows what learning the Bridge adds).
 
 A run with ``checkpoint_dir`` checkpoints each phase (the warm start or Teacher, then the
 method) in its own subfolder ``<checkpoint_dir>/<phase method>/``: a rerun reuses a phase
@@ -62,7 +66,7 @@ from bidfcl.io import atomic_write
 from bidfcl.learner import CHECKPOINT_FILE, UpliftLearner, fit_learner, scoped_torch_settings
 from bidfcl.model import UpliftModel
 from bidfcl.propensity import ips_weights
-from bidfcl.train_config import TrainConfig
+from bidfcl.train_config import SELECT_BY, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +131,36 @@ def fit_bilevel_method(
     return fit_bilevel(dataset, config, budget, spec.decision_loss, start_from, progress)
 
 
+FIXED_GATES = (0.25, 0.5, 1.0)
+"""The constant gates bidfcl-fixed chooses among on rct_val."""
+
+
+def fit_fixed_gate_method(
+    spec: MethodSpec,
+    dataset: Dataset,
+    config: TrainConfig,
+    budget: float,
+    start_from: UpliftModel | None,
+    progress: bool,
+) -> UpliftModel:
+    """bidfcl-fixed: the bi-level Target with its Bridge frozen at each gate of
+    :data:`FIXED_GATES` (``fixed_gate`` if set), keeping the one whose best rct_val score
+    (``select_by``) is best. A learned Bridge has to beat this to earn its compute."""
+    monitor, maximize = SELECT_BY[config.select_by]
+    gates = FIXED_GATES if config.fixed_gate is None else (config.fixed_gate,)
+    fits = {}
+    for gate in gates:
+        # each gate's fit checkpoints in its own folder, so one never resumes another's
+        folder = config.checkpoint_dir and str(Path(config.checkpoint_dir) / f"gate-{gate}")
+        gate_config = replace(config, fixed_gate=gate, checkpoint_dir=folder)
+        fits[gate] = fit_bilevel_method(spec, dataset, gate_config, budget, start_from, progress)
+    scores = {gate: fits[gate].metadata[f"best_{monitor}"] for gate in gates}
+    best = (max if maximize else min)(gates, key=lambda gate: scores[gate])
+    model = fits[best]
+    model.metadata["fixed_gate"] = {"chosen": best, f"best_{monitor}_by_gate": scores}
+    return model
+
+
 @dataclass(frozen=True)
 class MethodSpec:
     """How one method trains: its rows, their weights, its loss and its fit function.
@@ -156,6 +190,7 @@ METHOD_SPECS: dict[str, MethodSpec] = {
     "tsm-obs": MethodSpec((OBS,)),
     "tsm-both": MethodSpec((RCT_TRAIN, OBS)),
     "tsm-ips": MethodSpec((OBS,), ips_weighted=True),
+    "tsm-obs-ft": MethodSpec((RCT_TRAIN,), warm_start="tsm-obs"),
     "dfcl-ppl": MethodSpec((RCT_TRAIN,), ppl_decision, warm_start="tsm-rct"),
     "dfcl-pifd": MethodSpec((RCT_TRAIN,), pifd_decision, warm_start="tsm-rct"),
     "dfcl-pl": MethodSpec((RCT_TRAIN,), dual_pl_decision, warm_start="tsm-rct"),
@@ -165,6 +200,9 @@ METHOD_SPECS: dict[str, MethodSpec] = {
     ),
     "bidfcl-pifd": MethodSpec(
         (OBS, RCT_TRAIN), pifd_decision, teacher="tsm-rct", fit=fit_bilevel_method
+    ),
+    "bidfcl-fixed": MethodSpec(
+        (OBS, RCT_TRAIN), ppl_decision, teacher="tsm-rct", fit=fit_fixed_gate_method
     ),
 }
 METHODS: tuple[str, ...] = tuple(METHOD_SPECS)

@@ -66,6 +66,7 @@ class TrainConfig:
     bridge_warmup_epochs: int = 1
     pseudo_label_weight: float = 1.0
     bridge: str = "gate"
+    fixed_gate: float | None = None
     hypergradient: str = "implicit"
     curvature: str = "gauss_newton"
     curvature_fraction: float = 0.5
@@ -121,6 +122,8 @@ class TrainConfig:
                 raise ValueError(
                     f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}"
                 )
+        if self.fixed_gate is not None and not 0 <= self.fixed_gate <= 1:
+            raise ValueError(f"fixed_gate must lie in [0, 1] or be null, got {self.fixed_gate}")
         if not 0 < self.curvature_fraction <= 1:
             raise ValueError(
                 f"curvature_fraction must lie in (0, 1], got {self.curvature_fraction}"
