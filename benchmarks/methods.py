@@ -39,6 +39,7 @@ import argparse
 import json
 import math
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -441,10 +442,23 @@ def main(argv: list[str] | None = None) -> None:
         "train": config.to_dict(),
         "overrides": {"train": train_settings, "simulator": simulator},
         "torch_threads": config.num_threads,
+        "code_version": code_version(),
         "command": " ".join(sys.argv),
         "wall_seconds": time.perf_counter() - started,
     }
     write_report(scores, contexts, methods, settings, out)
+
+
+def code_version() -> str:
+    """The commit the code ran from, marked ``-dirty`` if tracked files had changes (runs
+    merged into one report must share it)."""
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+        return done.stdout.strip()
+
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    return git("rev-parse", "--short", "HEAD") + ("-dirty" if dirty else "")
 
 
 def merge_runs(
