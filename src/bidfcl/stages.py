@@ -170,8 +170,7 @@ def version(root: Path) -> dict[str, Any]:
     """
     with _dvc_repo(root) as repo:
         repo.reproduce(DATA_DVC, single_item=True)
-    tracked = yaml.safe_load((root / DATA_DVC).read_text())
-    return {key: tracked["outs"][0].get(key) for key in ("path", "md5", "size", "nfiles")}
+    return _versioned_data(root)
 
 
 def train(
@@ -205,7 +204,7 @@ def train(
     def build(tmp: Path) -> None:
         lineage = registry.Lineage(
             data_path=root / RAW_DIR,
-            data_digest=_dvc_out_md5(root / DATA_DVC),
+            data_digest=_versioned_data(root).get("md5"),
             git_commit=_git_commit(root),
             dvc_experiment=registry.dvc_experiment(),
         )
@@ -248,11 +247,14 @@ def epoch_line(method: str, summary: EpochSummary) -> str:
     )
 
 
-def _dvc_out_md5(dvc_file: Path) -> str | None:
-    """DVC's hash of the first output a .dvc file tracks (the versioned data/raw)."""
+def _versioned_data(root: Path) -> dict[str, Any]:
+    """What data.dvc records of data/raw: path, DVC's md5, size and file count ({} before
+    the first version)."""
+    dvc_file = root / DATA_DVC
     if not dvc_file.exists():
-        return None
-    return yaml.safe_load(dvc_file.read_text())["outs"][0].get("md5")
+        return {}
+    tracked = yaml.safe_load(dvc_file.read_text())["outs"][0]
+    return {key: tracked.get(key) for key in ("path", "md5", "size", "nfiles")}
 
 
 def _git_commit(root: Path) -> str | None:
@@ -482,7 +484,8 @@ def _promote(
                 decision,
                 {registry.HOLDOUT_TAG: holdout, "holdout_uses": str(holdout_uses)},
             )
-        champion = registry.alias_version(config, registry.CHAMPION)
+        if version_number is not None and decision.promoted:
+            champion = version_number  # record_decision moved the alias to it
     verdict = "promoted" if decision.promoted else "rejected"
     summary = {
         "model_name": config.model_name,
