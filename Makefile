@@ -11,7 +11,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 90
 export MLFLOW_DISABLE_TELEMETRY ?= true
 export DO_NOT_TRACK ?= 1
 
-.PHONY: run repro test lint install clean
+.PHONY: run repro test lint install clean results
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ repro: $(STAMP)
 test: $(STAMP)
 	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest -q
+
+# docs/results.md, its figures and the README's results block, from the saved benchmark cells.
+results: $(STAMP)
+	$(BIN)/bidfcl report benchmarks/runs/* --out docs/results.md --readme README.md
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

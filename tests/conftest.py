@@ -107,6 +107,15 @@ SMALL = {"n_obs": 4000, "n_rct": 3000, "seed": 7}
 
 
 @pytest.fixture(scope="session")
+def prefect_harness() -> Iterator[None]:
+    """One Prefect API (a temporary server) for every flow test of the session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield
+
+
+@pytest.fixture(scope="session")
 def small_dataset_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A valid simulated dataset folder, shared read-only by the whole session."""
     from bidfcl.simulate import SimulatorConfig, simulate_to_folder

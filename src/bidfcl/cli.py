@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -508,6 +508,74 @@ def stage_promote(root: RootOption = Path("."), params: ParamsOption = Path("par
         f"{promotion['decision']}: {promotion['reason']}; champion is version "
         f"{promotion['champion_version']}"
     )
+
+
+FLOWS_DIR = "flows"
+
+
+def _flow_module(name: str, root: Path) -> Any:
+    """The Prefect flow file ``flows/<name>.py`` of the project at ``root`` (else of the
+    checkout this package is installed from): flows live beside the package, not in it."""
+    import importlib.util
+
+    candidates = [root / FLOWS_DIR, Path(__file__).resolve().parents[2] / FLOWS_DIR]
+    path = next((c / f"{name}.py" for c in candidates if (c / f"{name}.py").exists()), None)
+    if path is None:
+        raise FileNotFoundError(f"{FLOWS_DIR}/{name}.py not found under {root.resolve()}")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@app.command()
+def benchmark(
+    spec: Annotated[Path, typer.Argument(help="Grid spec (see benchmarks/specs/).")],
+    out: Annotated[Path, typer.Option(help="Results folder (cells/ holds one JSON per cell).")],
+    params: ParamsOption = Path("params.yaml"),
+    workers: Annotated[
+        int,
+        typer.Option(min=1, help="More than 1: a Dask LocalCluster of this many processes."),
+    ] = 1,
+    dask_address: Annotated[
+        str | None, typer.Option(help="Run on an existing Dask cluster (tcp://HOST:PORT).")
+    ] = None,
+    only: Annotated[
+        list[str] | None, typer.Option(help="Run only this dataset of the spec (repeatable).")
+    ] = None,
+    root: RootOption = Path("."),
+) -> None:
+    """Run a grid of (dataset x method x seed x budget) cells as a Prefect flow; cells
+    already in --out with the same data, settings and code are not computed again."""
+    from bidfcl.benchmark import BenchmarkSpec
+
+    BenchmarkSpec.load(spec).only(only or []).cells(params)  # fails before Prefect starts
+    flow = _flow_module("benchmark_flow", root)
+    summary = flow.run(spec, out, params, workers, dask_address, only)
+    typer.echo(
+        f"{summary['spec']}: {summary['computed']} cells computed, {summary['cached']} cached "
+        f"in {summary['wall_seconds']:.0f} s ({summary['runner']}); results in {out}"
+    )
+
+
+@app.command()
+def report(
+    results: Annotated[list[Path], typer.Argument(help="Results folders of `bidfcl benchmark`.")],
+    out: Annotated[Path, typer.Option(help="Markdown report to write.")] = Path("docs/results.md"),
+    figures: Annotated[
+        Path | None, typer.Option(help="Figures folder [default: figures/ beside --out].")
+    ] = None,
+    readme: Annotated[
+        Path | None,
+        typer.Option(help="Also rewrite this file's block between the results markers."),
+    ] = None,
+) -> None:
+    """Regenerate the results report (tables, paired tests, figures) from saved cells."""
+    from bidfcl.report import write_report
+
+    written = write_report(results, out, figures, readme)
+    typer.echo(f"wrote {out} from {written.n_cells} cells")
 
 
 @app.command("resolve-model")

@@ -49,7 +49,8 @@ numbers for any simulated folder; the README quotes them at the defaults.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +114,52 @@ class SimulatorConfig:
             raise ValueError(f"rct_split must sum to 1, got {self.rct_split}")
         if min(_rct_sizes(self.n_rct, self.rct_split)) < 1:
             raise ValueError(f"n_rct={self.n_rct} leaves an empty RCT table with {self.rct_split}")
+
+
+DEFAULT_RCT_TEST_ROWS = (
+    12_000  # rct_test at the defaults: presets keep it, so scores stay as precise
+)
+RCT_VAL_PER_TRAIN_ROW = 0.4  # rct_val / rct_train at the default split (0.2 / 0.5)
+
+
+def rct_rows(train: int, test: int = DEFAULT_RCT_TEST_ROWS) -> dict[str, Any]:
+    """Simulator settings for an RCT of ``train`` training rows (rct_val in the default
+    proportion) and ``test`` held-out rows: a scarce trial is scarce where models learn,
+    while the evaluation keeps the precision of the default one."""
+    val = round(RCT_VAL_PER_TRAIN_ROW * train)
+    n_rct = train + val + test
+    return {"n_rct": n_rct, "rct_split": (train / n_rct, val / n_rct, test / n_rct)}
+
+
+SIMULATOR_PRESETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "scarce-rct-2k": rct_rows(2_000),
+    "scarce-rct-5k": rct_rows(5_000),
+    "strong-bias": {"bias": 4.0, "confounding": 2.0},
+}
+"""Named regimes: the default, a scarce trial, and a strongly biased, confounded log."""
+RCT_TRAIN_ROWS = "rct_train_rows"  # a setting that stands for rct_rows(value)
+
+
+def simulator_config(settings: Mapping[str, Any], seed: int) -> SimulatorConfig:
+    """The simulator config of ``settings``: an optional ``preset`` name, then any
+    :class:`SimulatorConfig` field, or ``rct_train_rows`` for :func:`rct_rows`."""
+    values = dict(settings)
+    preset = values.pop("preset", "default")
+    if preset not in SIMULATOR_PRESETS:
+        raise ValueError(
+            f"unknown simulator preset {preset!r}; choose one of {list(SIMULATOR_PRESETS)}"
+        )
+    values = {**SIMULATOR_PRESETS[preset], **values}
+    if RCT_TRAIN_ROWS in values:
+        values |= rct_rows(int(values.pop(RCT_TRAIN_ROWS)))
+    known = {f.name for f in fields(SimulatorConfig)} - {"seed"}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown simulator setting(s) {unknown}; known: {sorted(known)}")
+    if "rct_split" in values:
+        values["rct_split"] = tuple(values["rct_split"])
+    return SimulatorConfig(**values, seed=seed)
 
 
 def face_values(n_treatments: int) -> np.ndarray:
