@@ -480,3 +480,20 @@ def test_missing_or_empty_result_folders_are_errors(tmp_path: Path) -> None:
     (tmp_path / "empty" / "cells").mkdir(parents=True)
     with pytest.raises(ReportError, match="no finished cells"):
         write_report([tmp_path / "empty"], tmp_path / "results.md")
+
+
+def test_the_committed_report_and_readme_block_are_what_the_saved_cells_give(
+    tmp_path: Path,
+) -> None:
+    """docs/results.md and the README's block are regenerated, never edited by hand."""
+    repo = Path(__file__).resolve().parents[1]
+    runs = sorted((repo / "benchmarks" / "runs").iterdir())
+    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / "benchmarks" / "runs").symlink_to(repo / "benchmarks" / "runs")
+    readme = tmp_path / "README.md"
+    readme.write_text((repo / "README.md").read_text())
+    dirs = [tmp_path / "benchmarks" / "runs" / d.name for d in runs]  # as `make results`
+    write_report(dirs, tmp_path / "docs" / "results.md", readme=readme)
+    assert readme.read_text() == (repo / "README.md").read_text()
+    committed = (repo / "docs" / "results.json").read_text()
+    assert json.loads((tmp_path / "docs" / "results.json").read_text()) == json.loads(committed)
