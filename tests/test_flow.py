@@ -1,17 +1,20 @@
 """The Prefect flow end to end on the small dataset, in a throwaway git + DVC project.
 
-One Prefect test harness serves the whole session. The module runs the flow twice on the
-same batch (first model promoted, then an equal challenger rejected) and then on a corrupt
-batch (stopped at validation, nothing downstream touched).
+One Prefect test harness (conftest.py) serves the whole session. The module runs the flow
+twice on the same batch (first model promoted, then an equal challenger rejected) and then on
+a corrupt batch (stopped at validation, nothing downstream touched); then, in a project of its
+own, on a candidate and a baseline trained at once (a second run's baseline diverges).
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,22 +29,17 @@ from typer.testing import CliRunner
 
 from bidfcl import registry, stages
 from bidfcl.cli import app
+from bidfcl.methods import TrainingDiverged
+from bidfcl.model import UpliftModel
 from bidfcl.params import RUN_PARAMS_FILE, TrackingParams, load_params
 from bidfcl.scoring import allocate_file
+from test_resume import same_weights
 from test_stages import REPO, make_project
 
 FLOW_FILE = REPO / "flows" / "bidfcl_flow.py"
 MODEL_NAME = "bidfcl-uplift"
 GIT_COMMIT = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q"]
 COMMITTED_RESULTS = (stages.PROMOTION_FILE, stages.VALIDATION_REPORT)
-
-
-@pytest.fixture(scope="session")
-def prefect_harness() -> Iterator[None]:
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=90):
-        yield
 
 
 @pytest.fixture(scope="module")
@@ -352,3 +350,133 @@ def test_a_retried_promotion_reuses_its_runs_and_version(runs: Runs) -> None:
     assert len(client.search_model_versions(f"name='{MODEL_NAME}'")) == before + 1
     assert again["holdout"]["decisions"] == first["holdout"]["decisions"]
     assert len(client.search_runs([experiment.experiment_id])) == n_runs  # scored, not re-logged
+
+
+# --------------------------------------------------------------------------- parallel training
+
+PARALLEL_METHODS = ["tsm-rct", "tsm-obs"]  # the candidate first
+
+
+@dataclass
+class Parallel:
+    root: Path
+    flow_run_id: Any
+    published: Path  # a copy of the models/ the flow published
+
+
+@pytest.fixture(scope="module")
+def parallel(
+    prefect_harness: None,
+    flow_module: ModuleType,
+    small_dataset_dir: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    monkeypatch_module: pytest.MonkeyPatch,
+) -> Parallel:
+    """One flow run training a candidate and a baseline, in a project of its own."""
+    monkeypatch_module.delenv("MLFLOW_TRACKING_URI", raising=False)
+    base = tmp_path_factory.mktemp("parallel")
+    root = make_project(
+        base / "project",
+        train={
+            "method": PARALLEL_METHODS[0],
+            "baselines": PARALLEL_METHODS[1:],
+            "max_epochs": 12,
+            "patience": 12,
+        },
+    )
+    subprocess.run([*GIT_COMMIT, "--allow-empty", "-m", "project"], cwd=root, check=True)
+    state = flow_module.bidfcl_pipeline(
+        project_dir=str(root), data_path=str(small_dataset_dir), return_state=True
+    )
+    assert state.is_completed(), state
+    published = base / "published"
+    shutil.copytree(root / stages.MODELS_DIR, published)
+    return Parallel(root, state.state_details.flow_run_id, published)
+
+
+def task_runs(flow_run_id: Any, names: list[str]) -> dict[str, Any]:
+    """The finished flow run's task runs by name, once ``names`` are among them and all have
+    ended (Prefect records task run states from events, a moment after the flow returns)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    deadline = time.monotonic() + 60
+    while True:
+        with get_client(sync_client=True) as client:
+            runs = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+            )
+        named = {run.name: run for run in runs}
+        if set(names) <= set(named) and all(run.end_time for run in runs):
+            return named
+        assert time.monotonic() < deadline, f"task runs never ended: {named}"
+        time.sleep(0.5)
+
+
+def test_each_method_trains_in_its_own_task_at_the_same_time(parallel: Parallel) -> None:
+    names = [f"train-{method}" for method in PARALLEL_METHODS]
+    runs = task_runs(parallel.flow_run_id, names)
+    training = [runs.pop(name) for name in names]
+    assert all(run.state.is_completed() for run in training)
+    # each started before the other ended: submitted together, not one after the other
+    for run, other in zip(training, reversed(training), strict=True):
+        assert run.start_time < other.end_time, (run.start_time, other.end_time)
+    # the train task submitted them, and published once both had ended
+    [parent] = [run for run in runs.values() if run.name.startswith("train-")]
+    for run in training:
+        assert [p.id for p in run.task_inputs["__parents__"]] == [parent.id]
+        assert run.end_time < parent.end_time
+    for method in PARALLEL_METHODS:
+        assert {float(a.data) for a in flow_artifacts(f"training-progress-{method}")} == {100.0}
+
+
+def test_the_flow_publishes_what_the_train_stage_trains(parallel: Parallel) -> None:
+    params = load_params(parallel.root / "params.yaml")
+    flow_runs = json.loads((parallel.root / stages.TRAINING_RUNS_FILE).read_text())
+    assert list(flow_runs) == PARALLEL_METHODS
+
+    assert stages.train(parallel.root, params.train) == PARALLEL_METHODS  # one after another
+
+    models = parallel.root / stages.MODELS_DIR
+    manifest = {"candidate": PARALLEL_METHODS[0], "methods": PARALLEL_METHODS}
+    assert json.loads((parallel.published / stages.MANIFEST_FILE).read_text()) == manifest
+    assert stages.read_manifest(parallel.root) == manifest
+    assert sorted(p.name for p in parallel.published.iterdir()) == sorted(
+        p.name for p in models.iterdir()
+    )
+    for method in PARALLEL_METHODS:
+        assert same_weights(
+            UpliftModel.load(parallel.published / method), UpliftModel.load(models / method)
+        )
+    stage_runs = json.loads((parallel.root / stages.TRAINING_RUNS_FILE).read_text())
+    assert list(stage_runs) == PARALLEL_METHODS
+    assert all(stage_runs[m]["run_id"] != flow_runs[m]["run_id"] for m in PARALLEL_METHODS)
+
+
+def test_a_method_failing_in_its_task_fails_the_flow_and_publishes_nothing(
+    parallel: Parallel, flow_module: ModuleType, small_dataset_dir: Path
+) -> None:
+    """dfcl-ppl's decision phase diverges while tsm-rct trains fine beside it."""
+    root = parallel.root
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["train"] |= {"baselines": ["dfcl-ppl"], "decision_lr": 1e30, "warm_start_epochs": 1}
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    watched = [stages.TRAINING_RUNS_FILE, *COMMITTED_RESULTS]
+    before = {p: (root / p).read_bytes() for p in watched} | fingerprint(root)
+    uri = registry.tracking_uri(root, TrackingParams().uri)
+    client = MlflowClient(uri, uri)
+    n_versions = len(client.search_model_versions(f"name='{MODEL_NAME}'"))
+
+    state = flow_module.bidfcl_pipeline(
+        project_dir=str(root), data_path=str(small_dataset_dir), return_state=True
+    )
+
+    assert state.is_failed()
+    with pytest.raises(TrainingDiverged, match="dfcl-ppl"):
+        state.result()
+    runs = task_runs(state.state_details.flow_run_id, ["train-tsm-rct", "train-dfcl-ppl"])
+    assert runs["train-tsm-rct"].state.is_completed() and runs["train-dfcl-ppl"].state.is_failed()
+    assert {p: (root / p).read_bytes() for p in watched} | fingerprint(root) == before
+    assert len(client.search_model_versions(f"name='{MODEL_NAME}'")) == n_versions
+    assert not [p.name for p in root.iterdir() if p.name.startswith(".models.")]
+    assert (root / stages.CHECKPOINTS_DIR / "tsm-rct").is_dir()  # a rerun resumes from it

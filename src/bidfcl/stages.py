@@ -28,6 +28,7 @@ Data layout and versioning (see ``dvc.yaml`` and ``data.dvc``):
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -35,7 +36,7 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import chdir, contextmanager
+from contextlib import ExitStack, chdir, contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -75,6 +76,7 @@ BUDGET_VALUE_FILE = Path("results/budget_value.json")  # every method's curve, o
 BUDGET_VALUE_PNG = Path("results/plots/budget_value.png")
 PROMOTION_FILE = Path("results/promotion.json")
 CHECKPOINTS_DIR = Path(".checkpoints")  # train's per-method checkpoints until it succeeds
+RUNS_LOCK = CHECKPOINTS_DIR / ".runs.lock"  # methods training at once open their runs in turn
 
 
 class ValidationFailed(RuntimeError):
@@ -180,7 +182,8 @@ def train(
     on_epoch: Callable[[str, EpochSummary], None] | None = None,
     progress: bool = False,
 ) -> list[str]:
-    """Train ``train.method`` and ``train.baselines`` on ``data/raw`` into ``models/<method>/``.
+    """Train ``train.method`` and ``train.baselines`` on ``data/raw`` into ``models/<method>/``,
+    one after another (:func:`train_method` each, then :func:`publish_models`).
 
     Each method trains inside its own MLflow run (``tracking``: the project's store by
     default), which gets every epoch's metrics and duration as they happen, the dataset's
@@ -193,42 +196,107 @@ def train(
     epoch, so a rerun after a crash resumes where the killed run stopped (reusing finished
     phases and methods); the checkpoints are deleted once ``models/`` is in place.
     """
+    methods = config.methods
+
+    def train_all(staging: Path) -> dict[str, dict[str, str]]:
+        return {
+            method: train_method(root, config, method, staging, tracking, on_epoch, progress)
+            for method in methods
+        }
+
+    with project_lock(root):
+        return publish_models(root, methods, train_all, tracking)
+
+
+def train_method(
+    root: Path,
+    config: TrainParams,
+    method: str,
+    staging: Path,
+    tracking: TrackingParams | None = None,
+    on_epoch: Callable[[str, EpochSummary], None] | None = None,
+    progress: bool = False,
+) -> dict[str, str]:
+    """Train ``method`` (one of ``config.methods``) into ``staging/<method>`` inside its own
+    MLflow run, checkpointing into ``.checkpoints/<method>/``; return the run's id and model
+    URI. See :func:`train`.
+
+    It takes no project lock: its caller holds it, and the flow runs it in worker processes,
+    which would wait forever for their parent's lock.
+    """
     from bidfcl import registry
     from bidfcl.learner import observe_training
     from bidfcl.methods import train_to_folder
 
     tracking = tracking or TrackingParams()
-    methods = config.methods
-    checkpoints = root / CHECKPOINTS_DIR
+    lineage = registry.Lineage(
+        data_path=root / RAW_DIR,
+        data_digest=_versioned_data(root).get("md5"),
+        git_commit=_git_commit(root),
+        dvc_experiment=registry.dvc_experiment(),
+    )
 
-    def build(tmp: Path) -> None:
-        lineage = registry.Lineage(
-            data_path=root / RAW_DIR,
-            data_digest=_versioned_data(root).get("md5"),
-            git_commit=_git_commit(root),
-            dvc_experiment=registry.dvc_experiment(),
-        )
-        with registry.tracking(root, tracking.uri, tracking.experiment):
-            for method in methods:
+    def observe(summary: EpochSummary) -> None:
+        registry.log_epoch(summary, method)
+        if on_epoch is not None:
+            on_epoch(method, summary)
 
-                def observe(summary: EpochSummary, method: str = method) -> None:
-                    registry.log_epoch(summary, method)
-                    if on_epoch is not None:
-                        on_epoch(method, summary)
+    method_config = replace(
+        config.config_for(method), checkpoint_dir=str(root / CHECKPOINTS_DIR / method)
+    )
+    with registry.tracking(root, tracking.uri, tracking.experiment), ExitStack() as run:
+        # MLflow adds a dataset it has not seen by a look-up, then an insert: two runs opened
+        # at once on a new batch would both insert it, and one fail. They open in turn.
+        with _exclusive(root / RUNS_LOCK):
+            run.enter_context(registry.training_run(method, lineage))
+        run.enter_context(observe_training(observe))
+        train_to_folder(root / RAW_DIR, staging / method, method_config, progress)
+        return registry.log_trained_model(staging / method)
 
-                method_config = replace(
-                    config.config_for(method), checkpoint_dir=str(checkpoints / method)
-                )
-                with registry.training_run(method, lineage), observe_training(observe):
-                    train_to_folder(root / RAW_DIR, tmp / method, method_config, progress)
-                    runs[method] = registry.log_trained_model(tmp / method)
-        write_json(tmp / MANIFEST_FILE, {"candidate": methods[0], "methods": methods})
 
+@contextmanager
+def _exclusive(path: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` for the block (processes take turns)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def publish_models(
+    root: Path,
+    methods: Sequence[str],
+    train_all: Callable[[Path], Mapping[str, dict[str, str]]],
+    tracking: TrackingParams | None = None,
+) -> list[str]:
+    """Replace ``models/`` as a whole with the folders ``train_all(staging)`` trains into a
+    staging folder beside it (returning each method's run ids) and the manifest (the first
+    method is the candidate); then record the runs in ``results/training_runs.json`` and
+    delete the checkpoints. A failure leaves ``models/`` and the checkpoints as they were.
+
+    The MLflow store and experiment are set up first, so methods training at once in other
+    processes never race to create them. The caller holds the project lock.
+    """
+    from bidfcl import registry
+
+    methods = list(methods)
+    tracking = tracking or TrackingParams()
     runs: dict[str, dict[str, str]] = {}
-    with project_lock(root):
+
+    def build(staging: Path) -> None:
+        runs.update(train_all(staging))
+        missing = [m for m in methods if m not in runs or not (staging / m).is_dir()]
+        if missing:
+            raise RuntimeError(f"no trained model for {', '.join(missing)}")
+        write_json(staging / MANIFEST_FILE, {"candidate": methods[0], "methods": methods})
+
+    with registry.tracking(root, tracking.uri, tracking.experiment):
         replace_dir(root / MODELS_DIR, build)
-        write_json(root / TRAINING_RUNS_FILE, runs)
-        shutil.rmtree(checkpoints, ignore_errors=True)
+    write_json(root / TRAINING_RUNS_FILE, {method: runs[method] for method in methods})
+    shutil.rmtree(root / CHECKPOINTS_DIR, ignore_errors=True)
     return methods
 
 
