@@ -17,17 +17,15 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import cloudpickle
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.client.orchestration import get_client
 from prefect.futures import as_completed
-from prefect.server.api.server import SubprocessASGIServer
-from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
+from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from bidfcl import benchmark
@@ -67,7 +65,10 @@ def benchmark_flow(
     progress = create_progress_artifact(
         progress=100.0 * done / max(1, total), description=f"{spec.name}: cells done"
     )
-    futures = [cell_task.submit(cell, out) for cell in pending]
+    # Dask workers run task runs in other processes: they report to this flow's API server
+    # (without it, each would start a temporary server of its own).
+    with temporary_settings({PREFECT_API_URL: str(get_client(sync_client=True).api_url)}):
+        futures = [cell_task.submit(cell, out) for cell in pending]
     for future in as_completed(futures):
         record = future.result()
         done += 1
@@ -137,23 +138,7 @@ def run(
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     task_runner, label = task_runner_for(workers, dask_address)
     configured = benchmark_flow.with_options(task_runner=task_runner)
-    with shared_api(local=dask_address is None and workers <= 1):
-        return configured(str(spec_path), str(out_dir), str(params_path), label, only)
-
-
-@contextmanager
-def shared_api(local: bool) -> Iterator[None]:
-    """One Prefect API for the flow and its Dask workers. Without a configured API each
-    worker process would start its own temporary server (seconds each, and the run history
-    split across them); the URL of the one started here reaches the workers with the task
-    context. The local runner needs none: the flow starts its own when it has to."""
-    if local or get_current_settings().api.url:
-        yield
-        return
-    server = SubprocessASGIServer()  # stopped at exit, after Prefect has sent its logs
-    server.start(timeout=get_current_settings().server.ephemeral.startup_timeout_seconds)
-    with temporary_settings({PREFECT_API_URL: server.api_url}):
-        yield
+    return configured(str(spec_path), str(out_dir), str(params_path), label, only)
 
 
 def main() -> None:
