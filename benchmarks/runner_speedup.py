@@ -13,29 +13,18 @@ cluster's. The cells of both runs must agree (same keys, same scores), or the sc
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
 
 from bidfcl import benchmark
+from bidfcl.cli import load_flow
 from bidfcl.io import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "runner-speedup.json"
-
-
-def load_flow() -> Any:
-    spec = importlib.util.spec_from_file_location(
-        "benchmark_flow", ROOT / "flows/benchmark_flow.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def same_cells(first: Path, second: Path) -> bool:
@@ -56,7 +45,7 @@ def main() -> None:
         help="copy the sequential run's cells here (a results folder)",
     )
     args = parser.parse_args()
-    flow = load_flow()
+    flow = load_flow("benchmark_flow", ROOT)
     with tempfile.TemporaryDirectory(prefix="bidfcl-speedup-") as scratch:
         local_dir, dask_dir = Path(scratch) / "local", Path(scratch) / "dask"
         load_before = os.getloadavg()

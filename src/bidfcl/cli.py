@@ -513,7 +513,7 @@ def stage_promote(root: RootOption = Path("."), params: ParamsOption = Path("par
 FLOWS_DIR = "flows"
 
 
-def _flow_module(name: str, root: Path) -> Any:
+def load_flow(name: str, root: Path) -> Any:
     """The Prefect flow file ``flows/<name>.py`` of the project at ``root`` (else of the
     checkout this package is installed from): flows live beside the package, not in it."""
     import importlib.util
@@ -551,7 +551,7 @@ def benchmark(
     from bidfcl.benchmark import BenchmarkSpec
 
     BenchmarkSpec.load(spec).only(only or []).cells(params)  # fails before Prefect starts
-    flow = _flow_module("benchmark_flow", root)
+    flow = load_flow("benchmark_flow", root)
     summary = flow.run(spec, out, params, workers, dask_address, only)
     typer.echo(
         f"{summary['spec']}: {summary['computed']} cells computed, {summary['cached']} cached "
