@@ -47,14 +47,14 @@ def test_the_shipped_specs_parse_and_expand_to_a_full_grid(name: str) -> None:
     spec = BenchmarkSpec.load(SPECS / f"{name}.yaml")
     cells = spec.cells(PARAMS)
     assert len(cells) == len(spec.datasets) * len(spec.seeds) * len(spec.methods)
-    assert {c.config.method for c in cells} == set(spec.methods)
+    assert {c.config.method for c in cells} == {variant.method for variant in spec.methods}
     assert all(c.config.seed == c.seed for c in cells)
 
 
 def test_the_paper_spec_reports_on_held_out_seeds_only() -> None:
     spec = BenchmarkSpec.load(SPECS / "paper.yaml")
     assert len(spec.seeds) >= 10 and min(spec.seeds) >= 100
-    assert {"tsm-rct", "tsm-both", "bidfcl-ppl"} <= set(spec.methods)
+    assert {"tsm-rct", "tsm-both", "bidfcl-ppl"} <= {variant.name for variant in spec.methods}
     assert any(d.kind == benchmark.HYBRID for d in spec.datasets)
 
 
@@ -83,6 +83,8 @@ def test_presets_name_the_regimes_with_headroom() -> None:
     ("change", "message"),
     [
         ({"methods": ["tsm-nope"]}, "unknown method 'tsm-nope'"),
+        ({"methods": [{"name": "x", "method": "tsm-rct", "lr": 1}]}, "name, method and train"),
+        ({"methods": ["tsm-rct", {"name": "tsm-rct", "method": "tsm-obs"}]}, "distinct names"),
         ({"colour": "red"}, "unknown keys ['colour']"),
         ({"datasets": [{"name": "a", "simulate": {"bias": -1}}]}, "bias and confounding"),
         ({"datasets": [{"name": "a", "simulate": {"preset": "huge"}}]}, "unknown simulator preset"),
@@ -105,6 +107,19 @@ def test_a_bad_train_setting_fails_before_anything_runs(tmp_path: Path, capsys: 
     assert main(["benchmark", str(path), "--out", str(tmp_path / "out")]) == 1
     assert "learning_speed" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_named_variant_trains_its_method_with_its_own_settings() -> None:
+    variant = {"name": "bidfcl-lr", "method": "bidfcl-ppl", "train": {"bridge_lr": 0.02}}
+    spec = BenchmarkSpec.parse(tiny_spec(methods=["bidfcl-ppl", variant]), "test")
+    plain, tuned = spec.cells(PARAMS)
+    assert (plain.method, tuned.method) == ("bidfcl-ppl", "bidfcl-lr")
+    assert plain.config.method == tuned.config.method == "bidfcl-ppl"
+    assert (plain.config.bridge_lr, tuned.config.bridge_lr) == (0.03, 0.02)
+    assert plain.config.max_epochs == tuned.config.max_epochs  # the spec's settings stay
+    bad = {**variant, "train": {"bridge_lr": -1}}
+    with pytest.raises(SpecError, match=r"bidfcl-lr: train: .*bridge_lr"):
+        BenchmarkSpec.parse(tiny_spec(methods=[bad]), "test").cells(PARAMS)
 
 
 def test_the_cache_key_follows_data_settings_seed_and_code(tmp_path: Path) -> None:

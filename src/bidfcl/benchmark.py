@@ -134,7 +134,7 @@ class BenchmarkSpec:
     name: str
     description: str
     datasets: tuple[DatasetRecipe, ...]
-    methods: tuple[str, ...]
+    methods: tuple[MethodVariant, ...]
     seeds: tuple[int, ...]
     budget_scales: tuple[float, ...] = (1.0,)
     train: Mapping[str, Any] = field(default_factory=dict)
@@ -157,12 +157,12 @@ class BenchmarkSpec:
         missing = sorted(SPEC_REQUIRED - set(raw))
         if unknown or missing:
             raise SpecError(f"{origin}: unknown keys {unknown}, missing keys {missing}")
-        methods = tuple(raw["methods"])
-        for method in methods:
-            try:
-                method_spec(method)
-            except ValueError as error:
-                raise SpecError(f"{origin}: methods: {error}") from None
+        methods = tuple(
+            _variant(entry, f"{origin}: methods[{i}]") for i, entry in enumerate(raw["methods"])
+        )
+        labels = [variant.name for variant in methods]
+        if len(set(labels)) < len(labels):
+            raise SpecError(f"{origin}: methods need distinct names, got {labels}")
         datasets = [
             _recipe(entry, f"{origin}: datasets[{i}]")
             for i, entry in enumerate(raw.get("datasets") or [])
@@ -202,25 +202,61 @@ class BenchmarkSpec:
 
     def cells(self, params_file: Path) -> list[Cell]:
         """Every cell, dataset-major; ``params_file``'s train section is the base config."""
-        overrides = {f"train.{key}": value for key, value in self.train.items()}
-        try:
-            base = load_params(params_file, overrides, run_overrides=False).train.config
-        except (KeyError, TypeError, ValueError) as error:
-            raise SpecError(f"{self.name}: train: {error}") from None
+        configs = {}
+        for variant in self.methods:
+            settings = {**self.train, **variant.train, "method": variant.method}
+            overrides = {f"train.{key}": value for key, value in settings.items()}
+            try:
+                configs[variant.name] = load_params(
+                    params_file, overrides, run_overrides=False
+                ).train.config
+            except (KeyError, TypeError, ValueError) as error:
+                raise SpecError(f"{self.name}: {variant.name}: train: {error}") from None
         return [
             Cell(
                 spec=self.name,
                 dataset=dataset,
-                method=method,
+                method=variant.name,
                 seed=seed,
                 budget_scale=scale,
-                config=replace(base, method=method, seed=seed, budget=None),
+                config=replace(configs[variant.name], seed=seed, budget=None),
             )
             for dataset in self.datasets
             for scale in self.budget_scales
             for seed in self.seeds
-            for method in self.methods
+            for variant in self.methods
         ]
+
+
+@dataclass(frozen=True)
+class MethodVariant:
+    """A column of the grid: a method under its own name, with train settings of its own on
+    top of the spec's (an ablation or a tuning point). A plain method name is the method
+    with no settings of its own."""
+
+    name: str
+    method: str
+    train: Mapping[str, Any] = field(default_factory=dict)
+
+
+def _variant(entry: Any, origin: str) -> MethodVariant:
+    """A method name, or ``{name, method, train}`` for a named variant of one."""
+    if isinstance(entry, str):
+        entry = {"name": entry, "method": entry}
+    if not isinstance(entry, dict) or not {"name", "method"} <= set(entry) <= {
+        "name",
+        "method",
+        "train",
+    }:
+        raise SpecError(f"{origin}: a method is a name or a mapping of name, method and train")
+    try:
+        method_spec(entry["method"])
+    except ValueError as error:
+        raise SpecError(f"{origin}: {error}") from None
+    train = entry.get("train") or {}
+    if not isinstance(train, dict):
+        raise SpecError(f"{origin}: train must be a mapping of train settings")
+    return MethodVariant(str(entry["name"]), str(entry["method"]), dict(train))
 
 
 def _recipe(entry: Any, origin: str, sweep: Mapping[str, Any] | None = None) -> DatasetRecipe:
@@ -291,6 +327,8 @@ def run_cell(cell: Cell, out_dir: Path) -> dict[str, Any]:
             for name in ("history", "epochs_run", "best_epoch", "fit_seconds", "seconds_per_epoch")
         },
         "train_config": cell.config.to_dict(),
+        "bilevel": json_ready(meta.get("bilevel")),
+        "fixed_gate": json_ready(meta.get("fixed_gate")),
         "code_version": code_version(),
         "git_commit": git_commit(),
         "device": device_name(),

@@ -1,18 +1,27 @@
 """Bi-DFCL: the bi-level learner that lets a small RCT steer how a large OBS log is used.
 
 Three networks:
-- Teacher: the tsm-rct warm start, frozen. Unbiased (RCT) but noisy.
-- Target: the deployed UpliftNet, started from the same warm start. Lower level: its
-  parameters theta minimise the factual MSE on OBS plus the MSE to pseudo-labels for the
-  arms each OBS user did not receive.
-- Bridge: an MLP whose parameters phi give per-user, per-arm gates w in (0, 1) (revenue and
-  cost) mixing Teacher and Target predictions into those pseudo-labels:
-  label = w * teacher + (1 - w) * anchor, the anchor being the Target's own prediction
-  before the step. The ablation bridge (``bridge: ipw``) instead gives one weight per OBS
-  row on the factual MSE, with no pseudo-labels. With ``fixed_gate`` g the gates are the
-  constant g and the Bridge never steps: the ablation a learned Bridge has to beat.
+- Teacher: a tsm-rct model, frozen. Unbiased (RCT) but noisy.
+- Target: the deployed UpliftNet, started from the Teacher. Lower level: its parameters
+  theta minimise the MSE to gated labels on OBS plus ``rct_weight`` times the factual MSE
+  on the RCT rows of the lower level.
+- Bridge: an MLP of the OBS user's features, logged arm and outcomes and the Teacher/anchor
+  predictions, giving gates w in (0, 1) per user, arm and outcome (``bridge``):
+  - ``labels`` (default): every OBS label is w * teacher + (1 - w) * base, the base being
+    the logged outcome for the logged arm (where the targeting bias enters) and, for the
+    arms the user did not receive, the anchor: the Target frozen at the start of the epoch,
+    so a gate is a mixing weight, not a pull rate;
+  - ``gate`` (the first version, kept as an ablation): only the pseudo-labels of unreceived
+    arms are gated, anchored on the Target's own current prediction. For any gate > 0 that
+    label's fixed point is the Teacher, so the gate sets a speed, not a blend;
+  - ``ipw``: one weight per OBS row on the factual MSE, no pseudo-labels.
+  With ``fixed_gate`` g the gates are the constant g and the Bridge never steps: the
+  ablation a learned Bridge has to beat.
 
-Upper level: phi minimises the RCT decision loss (PPL or PIFD at lambda*) of theta*(phi).
+Upper level: phi minimises the RCT decision loss (PPL or PIFD at lambda*) of theta*(phi),
+scored on RCT rows neither the Teacher nor the lower level saw (cross-fitting by a disjoint
+split, :func:`upper_level_split`): judged on the Teacher's own rows, trusting the Teacher
+would look better than it is.
 Every ``bilevel_k``-th OBS batch the learner copies theta, takes k look-ahead SGD steps
 on the lower loss (theta_k ~ theta*(phi)) and steps phi along the hypergradient:
 - implicit (default): by the implicit function theorem, solve (H + damping I) v =
@@ -24,12 +33,14 @@ on the lower loss (theta_k ~ theta*(phi)) and steps phi along the hypergradient:
   direction, while J^T W J is positive semi-definite. It is the exact Hessian's HVP taken
   with every label set to the current prediction (zero residuals drop the second-order
   term), and equals the exact Hessian for a model linear in theta. The products use a
-  ``curvature_fraction`` of the OBS batch (a subsampled curvature, as in Hessian-free
+  ``curvature_fraction`` of the batch (a subsampled curvature, as in Hessian-free
   optimisation): they are most of a hypergradient's cost;
 - explicit (ablation): differentiate L_upper through the last look-ahead step.
-Every OBS batch the Target takes one real Adam step on the lower loss with the current
-gates. The saved model is the Target at its best validation epoch, so evaluation and
-allocation treat it like any other method's model.
+After each Bridge step the look-ahead is redone with the new gates, and the step counts as
+helpful if the upper loss on the same held-out batch went down (``helpful_share`` in the
+model's metadata). Every OBS batch the Target takes one real Adam step on the lower loss
+with the current gates. The saved model is the Target at its best validation epoch, so
+evaluation and allocation treat it like any other method's model.
 """
 
 from __future__ import annotations
@@ -37,10 +48,11 @@ from __future__ import annotations
 import copy
 import itertools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
 import lightning as L
+import numpy as np
 import torch
 from torch import nn
 from torch.func import functional_call
@@ -190,19 +202,56 @@ class Bridge(nn.Module):
 
 
 class ObsContext(NamedTuple):
-    """One OBS batch with everything the lower loss holds constant in theta and phi."""
+    """One lower-level batch with everything the lower loss holds constant in theta and phi."""
 
-    batch: LoggedData
-    x_scaled: torch.Tensor  # (N, d)
-    bridge_inputs: torch.Tensor  # (N, d + 5M)
+    batch: LoggedData  # the OBS rows
+    rct: LoggedData  # the lower level's RCT rows (none with rct_weight 0)
+    x_scaled: torch.Tensor  # (N + N_rct, d): OBS then RCT rows, for one forward pass
+    bridge_inputs: torch.Tensor  # (N, d + 5M + 2)
     teacher: torch.Tensor  # (N, M, 2) revenue and cost
-    anchor: torch.Tensor  # (N, M, 2) the Target's prediction when the context was built
+    base: torch.Tensor  # (N, M, 2) the logged outcomes at the logged arm, the anchor elsewhere
     unreceived: torch.Tensor  # (N, M) bool, arms the user was not given
 
-    def head(self, n_rows: int) -> ObsContext:
-        """The first ``n_rows`` rows: a uniform subsample, as OBS batches are shuffled."""
-        batch = self.batch.rows(slice(0, n_rows))
-        return ObsContext(batch, *(tensor[:n_rows] for tensor in self[1:]))
+    def head(self, fraction: float) -> ObsContext:
+        """The first ``fraction`` of the OBS and of the RCT rows: uniform subsamples, as
+        batches are shuffled."""
+        n = self.batch.n_rows
+        n_obs = max(1, round(fraction * n))
+        n_rct = round(fraction * self.rct.n_rows)
+        x = torch.cat([self.x_scaled[:n_obs], self.x_scaled[n : n + n_rct]])
+        per_obs_row = (self.bridge_inputs, self.teacher, self.base, self.unreceived)
+        return ObsContext(
+            self.batch.rows(slice(0, n_obs)),
+            self.rct.rows(slice(0, n_rct)),
+            x,
+            *(tensor[:n_obs] for tensor in per_obs_row),
+        )
+
+
+class UpperLevelSplit(NamedTuple):
+    """``lower``: the dataset with rct_train cut to the rows the Teacher and the lower level
+    train on; ``upper``: the held-out rct_train rows the upper level is scored on."""
+
+    lower: Dataset
+    upper: LoggedData
+
+
+def upper_level_split(dataset: Dataset, config: TrainConfig) -> UpperLevelSplit:
+    """Hold ``upper_fraction`` of rct_train out of the Teacher and the lower level, drawn at
+    random with the run's seed (RCT rows are exchangeable). With 0 the upper level reuses
+    the whole of rct_train, as in the first version."""
+    frame = dataset.table(RCT_TRAIN)
+    n_upper = round(config.upper_fraction * len(frame))
+    if n_upper == 0:
+        return UpperLevelSplit(dataset, dataset.logged(RCT_TRAIN))
+    order = np.random.default_rng(config.seed).permutation(len(frame))
+    upper, lower = np.sort(order[:n_upper]), np.sort(order[n_upper:])
+    lower_dataset = replace(dataset, tables={**dataset.tables, RCT_TRAIN: frame.iloc[lower]})
+    return UpperLevelSplit(lower_dataset, dataset.logged(RCT_TRAIN).rows(torch.from_numpy(upper)))
+
+
+def _signed_log(values: torch.Tensor) -> torch.Tensor:
+    return values.sign() * values.abs().log1p()
 
 
 def _flat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -233,8 +282,13 @@ class BilevelLearner(UpliftLearner):
         self.teacher = copy.deepcopy(model.net).requires_grad_(False)
         n_arms = model.n_treatments
         self.bridge = Bridge(
-            model.net.n_features + 5 * n_arms, n_arms, config.bridge_hidden, config.bridge == "gate"
+            model.net.n_features + 5 * n_arms + 2,
+            n_arms,
+            config.bridge_hidden,
+            config.bridge != "ipw",
         )
+        # the anchor of ``labels`` gates: the Target as it was at the start of the epoch
+        self.anchor = copy.deepcopy(model.net).requires_grad_(False)
         self.param_names = [name for name, _ in self.net.named_parameters()]
         self.param_shapes = [p.shape for p in self.net.parameters()]
         self.param_sizes = [p.numel() for p in self.net.parameters()]
@@ -242,6 +296,7 @@ class BilevelLearner(UpliftLearner):
         self.hyper_steps = 0
         self.cg_iterations = 0
         self.skipped_steps = 0
+        self.helpful_steps = 0
         self.last_context: ObsContext | None = None
         self.gate_means: list[float] = []  # mean gate on each epoch's last OBS batch
 
@@ -257,35 +312,55 @@ class BilevelLearner(UpliftLearner):
         """The schedule: a Bridge step every k-th OBS batch (after the warm-up), then a
         Target step on every OBS batch; batch_idx counts OBS batches within the epoch."""
         target_opt, bridge_opt = self.optimizers()
-        context = self.last_context = self._context(batch["obs"])
+        context = self.last_context = self._context(batch["obs"], batch["rct"])
         warm = self.current_epoch < self.config.bridge_warmup_epochs
         learned = self.config.fixed_gate is None
         if learned and not warm and batch_idx % self.config.bilevel_k == 0:
-            hypergradient = self._hypergradient(context, batch["rct"])
-            if all(bool(torch.isfinite(g).all()) for g in hypergradient):
-                bridge_opt.zero_grad()
-                for param, grad in zip(self.bridge.parameters(), hypergradient, strict=True):
-                    param.grad = grad
-                bridge_opt.step()
-            else:  # a diverged look-ahead: skip the step rather than poison the Bridge
-                self.skipped_steps += 1
+            self._bridge_step(bridge_opt, context, batch["upper"])
 
         target_opt.zero_grad()
         theta = dict(self.net.named_parameters())
         phi = {name: p.detach() for name, p in self.bridge.named_parameters()}
-        loss = self._lower_loss(theta, phi, context)
+        loss = self._lower_loss(theta, self._gates(phi, context), context)
         self.manual_backward(loss)
         target_opt.step()
         self.log("train_lower", loss, on_step=False, on_epoch=True, batch_size=context.batch.n_rows)
 
+    def _bridge_step(
+        self, bridge_opt: torch.optim.Optimizer, ctx: ObsContext, upper: LoggedData
+    ) -> None:
+        """One Bridge step along the hypergradient; then the look-ahead again with the new
+        gates, to count whether the step lowered the upper loss on this held-out batch."""
+        x_upper = self.scaler(upper.x)
+
+        def upper_loss(theta: torch.Tensor) -> torch.Tensor:
+            revenue_hat, cost_hat = functional_call(self.net, self._unflatten(theta), (x_upper,))
+            return self.decision_loss(
+                revenue_hat, cost_hat, upper, self.lam, self.decision_settings
+            )
+
+        theta_0 = _flat(list(self.net.parameters()))
+        hypergradient, before = self._hypergradient(ctx, upper_loss, theta_0)
+        if not all(bool(torch.isfinite(g).all()) for g in hypergradient):
+            self.skipped_steps += 1  # a diverged look-ahead: skip rather than poison the Bridge
+            return
+        bridge_opt.zero_grad()
+        for param, grad in zip(self.bridge.parameters(), hypergradient, strict=True):
+            param.grad = grad
+        bridge_opt.step()
+        with torch.no_grad():
+            after = upper_loss(self._lookahead(ctx, theta_0, self.config.bilevel_k))
+        self.helpful_steps += int(float(after) < before)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """The learner's state plus the bi-level counters (the Teacher, the Bridge and both
-        optimisers are in Lightning's part of the checkpoint)."""
+        """The learner's state plus the bi-level counters (the Teacher, anchor, Bridge and
+        both optimisers are in Lightning's part of the checkpoint)."""
         super().on_save_checkpoint(checkpoint)
         checkpoint[BILEVEL_STATE_KEY] = {
             "hyper_steps": self.hyper_steps,
             "cg_iterations": self.cg_iterations,
             "skipped_steps": self.skipped_steps,
+            "helpful_steps": self.helpful_steps,
             "gate_means": self.gate_means,
         }
 
@@ -295,11 +370,15 @@ class BilevelLearner(UpliftLearner):
         self.hyper_steps = state["hyper_steps"]
         self.cg_iterations = state["cg_iterations"]
         self.skipped_steps = state["skipped_steps"]
+        self.helpful_steps = state["helpful_steps"]
         self.gate_means = state["gate_means"]
 
     def on_train_epoch_start(self) -> None:
         super().on_train_epoch_start()
-        self.teacher.eval()  # Lightning puts every submodule in train mode at fit start
+        self.anchor.load_state_dict(self.net.state_dict())
+        # Lightning puts every submodule in train mode at fit start
+        self.teacher.eval()
+        self.anchor.eval()
 
     def on_train_epoch_end(self) -> None:
         self.log("hyper_steps", float(self.hyper_steps), on_step=False, on_epoch=True)
@@ -309,52 +388,84 @@ class BilevelLearner(UpliftLearner):
             with torch.no_grad():
                 self.gate_means.append(float(self.bridge(self.last_context.bridge_inputs).mean()))
 
-    def _context(self, obs: LoggedData) -> ObsContext:
+    def _context(self, obs: LoggedData, rct: LoggedData) -> ObsContext:
+        if self.config.rct_weight == 0:
+            rct = rct.rows(slice(0, 0))
         with torch.no_grad():
             x_scaled = self.scaler(obs.x)
             teacher = torch.stack(self.teacher(x_scaled), dim=-1)
-            anchor = torch.stack(self.net(x_scaled), dim=-1)
+            # ``labels`` gates mix with the epoch's frozen Target; the first version with the
+            # Target as it is now (``ipw`` uses no anchor)
+            anchor_net = self.anchor if self.config.bridge == "labels" else self.net
+            anchor = torch.stack(anchor_net(x_scaled), dim=-1)
             logged = F.one_hot(obs.treatment, self.model.n_treatments).to(x_scaled.dtype)
-            predictions = torch.log1p(torch.cat([teacher, anchor], dim=-1).flatten(1))
-            inputs = torch.cat([x_scaled, logged, predictions], dim=1)
-        return ObsContext(obs, x_scaled, inputs, teacher, anchor, logged == 0)
+            outcomes = torch.stack((obs.revenue, obs.cost), dim=-1).to(x_scaled.dtype)
+            base = torch.where(logged.bool().unsqueeze(-1), outcomes.unsqueeze(1), anchor)
+            predictions = torch.cat([teacher, anchor], dim=-1).flatten(1)
+            inputs = torch.cat(
+                [x_scaled, logged, _signed_log(predictions), _signed_log(outcomes)], 1
+            )
+            both = torch.cat([x_scaled, self.scaler(rct.x)])
+        return ObsContext(obs, rct, both, inputs, teacher, base, logged == 0)
+
+    def _gates(self, phi: dict[str, torch.Tensor], ctx: ObsContext) -> torch.Tensor:
+        """(N, M, 2) gates, or (N,) row weights for the ``ipw`` bridge."""
+        if self.config.fixed_gate is None:
+            return functional_call(self.bridge, phi, (ctx.bridge_inputs,))
+        shape_of = ctx.batch.revenue if self.config.bridge == "ipw" else ctx.teacher
+        return torch.full_like(shape_of, self.config.fixed_gate)
 
     def _lower_loss(
         self,
         theta: dict[str, torch.Tensor],
-        phi: dict[str, torch.Tensor],
+        gates: torch.Tensor,
         ctx: ObsContext,
         gauss_newton: bool = False,
     ) -> torch.Tensor:
-        """Factual MSE on OBS plus the MSE to the Bridge's pseudo-labels on unreceived arms
-        (``ipw`` bridge: the factual MSE weighted per row by the Bridge instead).
+        """The MSE to the gated OBS labels (factual per arm as :func:`factual_mse`, plus
+        ``pseudo_label_weight`` times the mean over unreceived arms), plus ``rct_weight``
+        times the factual MSE on the lower level's RCT rows. The Bridge's parameters enter
+        only through ``gates`` (:meth:`_gates`).
 
         ``gauss_newton``: every label is replaced by the (detached) prediction, so the
         loss is zero with zero residuals and its Hessian at theta is the Gauss-Newton one.
         """
-        revenue_hat, cost_hat = functional_call(self.net, theta, (ctx.x_scaled,))
-        if self.config.fixed_gate is None:
-            gates = functional_call(self.bridge, phi, (ctx.bridge_inputs,))
-        else:
-            shape_of = ctx.teacher if self.config.bridge == "gate" else ctx.batch.revenue
-            gates = torch.full_like(shape_of, self.config.fixed_gate)
-        b = ctx.batch
-        revenue, cost = b.revenue, b.cost
-        if gauss_newton:
-            logged = b.treatment.unsqueeze(1)
-            revenue = revenue_hat.detach().gather(1, logged).squeeze(1)
-            cost = cost_hat.detach().gather(1, logged).squeeze(1)
-        if self.config.bridge == "ipw":
-            return factual_mse(revenue_hat, cost_hat, b.treatment, revenue, cost, gates)
-        factual = factual_mse(revenue_hat, cost_hat, b.treatment, revenue, cost)
+        cfg = self.config
+        revenue_all, cost_all = functional_call(self.net, theta, (ctx.x_scaled,))
+        n = ctx.batch.n_rows
+        revenue_hat, cost_hat = revenue_all[:n], cost_all[:n]
         predictions = torch.stack((revenue_hat, cost_hat), dim=-1)
         if gauss_newton:
             labels = predictions.detach()
+        elif cfg.bridge == "labels":
+            labels = ctx.base + gates * (ctx.teacher - ctx.base)
+        elif cfg.bridge == "gate":
+            pseudo_gates = gates * ctx.unreceived.unsqueeze(-1)
+            labels = ctx.base + pseudo_gates * (ctx.teacher - ctx.base)
         else:
-            labels = ctx.anchor + gates * (ctx.teacher - ctx.anchor)
-        error = (predictions - labels).square().sum(dim=-1)
-        pseudo = error[ctx.unreceived].mean()
-        return factual + self.config.pseudo_label_weight * pseudo
+            labels = ctx.base
+        b = ctx.batch
+        factual_labels = labels[torch.arange(b.n_rows, device=labels.device), b.treatment]
+        row_weight = gates if cfg.bridge == "ipw" else None
+        loss = factual_mse(
+            revenue_hat, cost_hat, b.treatment, *factual_labels.unbind(-1), row_weight
+        )
+        if cfg.bridge != "ipw":
+            error = (predictions - labels).square().sum(dim=-1)
+            loss = loss + cfg.pseudo_label_weight * error[ctx.unreceived].mean()
+        if ctx.rct.n_rows > 0:
+            rct = ctx.rct
+            rct_revenue, rct_cost = revenue_all[n:], cost_all[n:]
+            rct_labels = (rct.revenue, rct.cost)
+            if gauss_newton:
+                logged = rct.treatment.unsqueeze(1)
+                rct_labels = tuple(
+                    hat.detach().gather(1, logged).squeeze(1) for hat in (rct_revenue, rct_cost)
+                )
+            loss = loss + cfg.rct_weight * factual_mse(
+                rct_revenue, rct_cost, rct.treatment, *rct_labels
+            )
+        return loss
 
     def _unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         parts = flat.split(self.param_sizes)
@@ -363,38 +474,50 @@ class BilevelLearner(UpliftLearner):
             for name, part, shape in zip(self.param_names, parts, self.param_shapes, strict=True)
         }
 
-    def _hypergradient(self, ctx: ObsContext, rct: LoggedData) -> list[torch.Tensor]:
-        """Look ahead k steps from a copy of theta, then the implicit or unrolled gradient."""
+    def _lower(self, ctx: ObsContext) -> LowerLoss:
+        def lower(theta: torch.Tensor, phi_values: Sequence[torch.Tensor]) -> torch.Tensor:
+            gates = self._gates(dict(zip(self.bridge_names, phi_values, strict=True)), ctx)
+            return self._lower_loss(self._unflatten(theta), gates, ctx)
+
+        return lower
+
+    def _lookahead(self, ctx: ObsContext, theta: torch.Tensor, steps: int) -> torch.Tensor:
+        """``steps`` SGD steps of the lower loss from ``theta`` at the current gates."""
+        lower = self._lower(ctx)
+        phi = [p.detach() for p in self.bridge.parameters()]
+        with torch.enable_grad():
+            for _ in range(steps):
+                theta = theta.detach().requires_grad_(True)
+                (step,) = torch.autograd.grad(lower(theta, phi), theta)
+                theta = theta - self.config.lookahead_lr * step
+        return theta.detach()
+
+    def _hypergradient(
+        self, ctx: ObsContext, upper: UpperLoss, theta_0: torch.Tensor
+    ) -> tuple[list[torch.Tensor], float]:
+        """Look ahead k steps from theta_0, then the implicit or unrolled hypergradient;
+        also the upper loss after the full look-ahead (what a Bridge step should lower)."""
         cfg = self.config
         phi = list(self.bridge.parameters())
-        x_rct = self.scaler(rct.x)
-
-        def lower(theta: torch.Tensor, phi_values: Sequence[torch.Tensor]) -> torch.Tensor:
-            bridge_params = dict(zip(self.bridge_names, phi_values, strict=True))
-            return self._lower_loss(self._unflatten(theta), bridge_params, ctx)
-
-        def upper(theta: torch.Tensor) -> torch.Tensor:
-            revenue_hat, cost_hat = functional_call(self.net, self._unflatten(theta), (x_rct,))
-            return self.decision_loss(revenue_hat, cost_hat, rct, self.lam, self.decision_settings)
-
-        frozen_phi = [p.detach() for p in phi]
-        theta = _flat(list(self.net.parameters()))
+        lower = self._lower(ctx)
         explicit = cfg.hypergradient == "explicit"
-        for _ in range(cfg.bilevel_k - 1 if explicit else cfg.bilevel_k):
-            theta = theta.requires_grad_(True)
-            (step,) = torch.autograd.grad(lower(theta, frozen_phi), theta)
-            theta = (theta - cfg.lookahead_lr * step).detach()
+        theta = self._lookahead(ctx, theta_0, cfg.bilevel_k - 1 if explicit else cfg.bilevel_k)
         self.hyper_steps += 1
         if explicit:
-            return unrolled_hypergradient(lower, upper, theta, phi, cfg.lookahead_lr)
+            with torch.no_grad():
+                before = float(upper(self._lookahead(ctx, theta, 1)))
+            return unrolled_hypergradient(lower, upper, theta, phi, cfg.lookahead_lr), before
+        with torch.no_grad():
+            before = float(upper(theta))
 
-        curvature_ctx = ctx.head(max(1, round(cfg.curvature_fraction * ctx.batch.n_rows)))
+        curvature_ctx = ctx.head(cfg.curvature_fraction)
+        with torch.no_grad():
+            frozen_gates = self._gates(dict(self.bridge.named_parameters()), curvature_ctx)
 
         def curvature(theta: torch.Tensor) -> torch.Tensor:
-            bridge_params = dict(zip(self.bridge_names, frozen_phi, strict=True))
             return self._lower_loss(
                 self._unflatten(theta),
-                bridge_params,
+                frozen_gates,
                 curvature_ctx,
                 gauss_newton=cfg.curvature == "gauss_newton",
             )
@@ -416,7 +539,7 @@ class BilevelLearner(UpliftLearner):
             on_epoch=True,
             batch_size=1,
         )
-        return grads
+        return grads, before
 
 
 # --------------------------------------------------------------------------- fitting
@@ -430,36 +553,38 @@ def fit_bilevel(
     teacher: UpliftModel,
     progress: bool,
 ) -> UpliftModel:
-    """Fit a bidfcl-* method: ``teacher`` (a trained tsm-rct model, not modified) is the
-    frozen Teacher and the Target's start; ``decision_loss`` is the upper level's loss.
+    """Fit a bidfcl-* method: ``teacher`` (a tsm-rct model trained on
+    ``upper_level_split(dataset, config).lower``, not modified) is the frozen Teacher and the
+    Target's start; ``decision_loss`` is the upper level's loss.
 
-    The Target starts from the Teacher rather than from tsm-obs: the pseudo-labels then
-    start at unbiased values and the lower level has to earn any move towards the biased
-    OBS. The Teacher's summary goes into the model's ``teacher`` metadata.
+    The Target starts from the Teacher rather than from tsm-obs: the labels then start at
+    unbiased values and the lower level has to earn any move towards the biased OBS. The
+    Teacher's summary goes into the model's ``teacher`` metadata.
     """
     L.seed_everything(config.seed, workers=True, verbose=False)
-    obs, rct = dataset.logged(OBS), dataset.logged(RCT_TRAIN)
+    split = upper_level_split(dataset, config)
+    obs, rct = dataset.logged(OBS), split.lower.logged(RCT_TRAIN)
     learner = BilevelLearner(
         copy.deepcopy(teacher).to("cpu"),
         decision_loss,
         config,
         budget,
         lr=config.lr,
-        decision_x=rct.x,
+        decision_x=dataset.logged(RCT_TRAIN).x,
         val_truth=dataset.truth_for(RCT_VAL),
     )
     data = ObsRctDataModule(
         obs,
         rct,
+        split.upper,
         dataset.logged(RCT_VAL),
         config.batch_size,
         config.decision_batch_size,
         config.seed,
         config.num_workers,
     )
-    model = fit_learner(
-        learner, data, dataset, config, budget, progress, (OBS, RCT_TRAIN), len(obs) + len(rct)
-    )
+    n_rows = len(obs) + len(rct) + len(split.upper)
+    model = fit_learner(learner, data, dataset, config, budget, progress, (OBS, RCT_TRAIN), n_rows)
     model.metadata["teacher"] = {
         key: teacher.metadata.get(key)
         for key in (
@@ -469,12 +594,16 @@ def fit_bilevel(
             "best_val_loss",
             "epochs_run",
             "seconds_per_epoch",
+            "n_train_rows",
         )
     }
     model.metadata["bilevel"] = {
         "hypergradient_steps": learner.hyper_steps,
         "mean_cg_iterations": learner.cg_iterations / max(1, learner.hyper_steps),
         "skipped_steps": learner.skipped_steps,
+        "helpful_share": learner.helpful_steps
+        / max(1, learner.hyper_steps - learner.skipped_steps),
+        "upper_rows": len(split.upper),
         "gate_mean_per_epoch": learner.gate_means,
     }
     return model

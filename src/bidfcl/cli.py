@@ -10,6 +10,7 @@ exit 1; ``bidfcl --debug ...`` shows the traceback instead.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tempfile
 import traceback
@@ -518,6 +519,9 @@ def load_flow(name: str, root: Path) -> Any:
     checkout this package is installed from): flows live beside the package, not in it."""
     import importlib.util
 
+    # Prefect's server sends a telemetry heartbeat that logs a traceback on an offline
+    # machine; like the Makefile, default it off (export the variable to opt in).
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     candidates = [root / FLOWS_DIR, Path(__file__).resolve().parents[2] / FLOWS_DIR]
     path = next((c / f"{name}.py" for c in candidates if (c / f"{name}.py").exists()), None)
     if path is None:

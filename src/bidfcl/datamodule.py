@@ -86,30 +86,38 @@ class UpliftDataModule(L.LightningDataModule):
 
 
 class ObsRctDataModule(UpliftDataModule):
-    """OBS batches paired with RCT batches, the RCT loader cycled so every OBS batch has one.
+    """OBS batches paired with two RCT batches, the RCT loaders cycled so every OBS batch has
+    one of each.
 
-    Each training item is ``{"obs": LoggedData, "rct": LoggedData}``; an epoch is one pass
-    over OBS.
-    The bi-level learner steps the Target on the OBS half and the Bridge on the RCT half.
+    Each training item is ``{"obs": ..., "rct": ..., "upper": ...}`` (all ``LoggedData``);
+    an epoch is one pass over OBS and one over the ``rct`` rows, cut into as many batches
+    as OBS (as pooling them would see them). The bi-level learner steps the Target on OBS
+    plus the ``rct`` rows (the lower level) and the Bridge on the ``upper`` rows (the upper
+    level).
     """
 
     def __init__(
         self,
         obs: LoggedData,
         rct: LoggedData,
+        upper: LoggedData,
         val: LoggedData,
         batch_size: int,
-        rct_batch_size: int,
+        upper_batch_size: int,
         seed: int,
         num_workers: int = 0,
     ) -> None:
         super().__init__(obs, val, batch_size, seed, num_workers)
         self.rct_rows = rct
+        self.upper_rows = upper
+        rct_batch_size = math.ceil(len(rct) / len(self.train_sampler))
         self.rct_sampler = ShuffledBatches(len(rct), rct_batch_size, seed + 1)
+        self.upper_sampler = ShuffledBatches(len(upper), upper_batch_size, seed + 2)
 
     def train_dataloader(self) -> CombinedLoader:  # type: ignore[override]
         loaders = {
             "obs": self._loader(self.train_rows, self.train_sampler),
             "rct": self._loader(self.rct_rows, self.rct_sampler),
+            "upper": self._loader(self.upper_rows, self.upper_sampler),
         }
         return CombinedLoader(loaders, mode="max_size_cycle")

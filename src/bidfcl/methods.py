@@ -43,7 +43,7 @@ import lightning as L
 import pandas as pd
 import torch
 
-from bidfcl.bilevel import fit_bilevel
+from bidfcl.bilevel import fit_bilevel, upper_level_split
 from bidfcl.contract import (
     OBS,
     RCT_TRAIN,
@@ -131,8 +131,9 @@ def fit_bilevel_method(
     return fit_bilevel(dataset, config, budget, spec.decision_loss, start_from, progress)
 
 
-FIXED_GATES = (0.25, 0.5, 1.0)
-"""The constant gates bidfcl-fixed chooses among on rct_val."""
+FIXED_GATES = (0.0, 0.25, 0.5, 1.0)
+"""The constant gates bidfcl-fixed chooses among on rct_val: from no Teacher at all (the logged
+labels, the RCT rows and the anchor) to the Teacher alone."""
 
 
 def fit_fixed_gate_method(
@@ -223,13 +224,14 @@ def train_model(
 ) -> UpliftModel:
     """Train ``config.method`` and return the model of its best validation epoch.
 
-    Training starts from ``warm_start`` when one is given (it is copied, not modified);
+    Training starts from ``warm_start`` when one is given (it is copied, not modified; a
+    Teacher given so should be trained on ``upper_level_split(dataset, config).lower``);
     otherwise a method with a warm-start or Teacher method first trains that method for
-    ``warm_start_epochs``. With ``calibrate_spend`` the model then gets the lambda it ships
-    with (:mod:`bidfcl.deployment`). The returned model is on the CPU; its metadata records
-    the method, seed, budget, best epoch, per-epoch validation history, the warm start (the
-    Teacher of a bi-level method is under ``teacher``), the calibration and the dataset's
-    metadata.
+    ``warm_start_epochs`` (a Teacher on that split). With ``calibrate_spend`` the model
+    then gets the lambda it ships with (:mod:`bidfcl.deployment`). The returned model is on
+    the CPU; its metadata records the method, seed, budget, best epoch, per-epoch validation
+    history, the warm start (the Teacher of a bi-level method is under ``teacher``), the
+    calibration and the dataset's metadata.
     """
     spec = method_spec(config.method)
     budget = dataset.meta.budget_or_default(config.budget)
@@ -239,7 +241,9 @@ def train_model(
         first = spec.warm_start or spec.teacher
         if start_from is None and first is not None:
             first_config = replace(config, method=first, max_epochs=config.warm_start_epochs)
-            start_from = _fit_phase(dataset, first_config, budget, None, progress, data_key)
+            # a Teacher never sees the rows its Bridge is judged on (cross-fitting)
+            first_data = upper_level_split(dataset, config).lower if spec.teacher else dataset
+            start_from = _fit_phase(first_data, first_config, budget, None, progress, data_key)
         model = _fit_phase(dataset, config, budget, start_from, progress, data_key)
         if config.calibrate_spend:
             calibration = calibrate(model, dataset.logged(RCT_VAL), budget, seed=config.seed)

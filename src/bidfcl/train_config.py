@@ -19,7 +19,7 @@ SELECT_BY: dict[str, tuple[str, bool]] = {"loss": ("val_loss", False), "eom": ("
 # Settings that name one of a few variants, and those variants.
 CHOICES: dict[str, tuple[str, ...]] = {
     "select_by": tuple(SELECT_BY),
-    "bridge": ("gate", "ipw"),
+    "bridge": ("labels", "gate", "ipw"),
     "hypergradient": ("implicit", "explicit"),
     "curvature": ("gauss_newton", "hessian"),
 }
@@ -61,11 +61,13 @@ class TrainConfig:
     cg_tol: float = 0.1
     cg_damping: float = 1.0
     lookahead_lr: float = 1e-2
-    bridge_lr: float = 1e-3
+    bridge_lr: float = 3e-2
     bridge_hidden: tuple[int, ...] = (32,)
     bridge_warmup_epochs: int = 1
     pseudo_label_weight: float = 1.0
-    bridge: str = "gate"
+    bridge: str = "labels"
+    rct_weight: float = 1.0
+    upper_fraction: float = 0.3
     fixed_gate: float | None = None
     hypergradient: str = "implicit"
     curvature: str = "gauss_newton"
@@ -113,10 +115,13 @@ class TrainConfig:
             raise ValueError(f"num_threads must be >= 1 or null, got {self.num_threads}")
         if self.alpha < 0 or self.weight_decay < 0 or self.num_workers < 0:
             raise ValueError("alpha, weight_decay and num_workers must be >= 0")
-        if min(self.cg_damping, self.pseudo_label_weight, self.bridge_warmup_epochs) < 0:
+        nonnegative = (self.cg_damping, self.pseudo_label_weight, self.bridge_warmup_epochs)
+        if min(*nonnegative, self.rct_weight) < 0:
             raise ValueError(
-                "cg_damping, pseudo_label_weight and bridge_warmup_epochs must be >= 0"
+                "cg_damping, pseudo_label_weight, bridge_warmup_epochs and rct_weight must be >= 0"
             )
+        if not 0 <= self.upper_fraction < 1:
+            raise ValueError(f"upper_fraction must lie in [0, 1), got {self.upper_fraction}")
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(
