@@ -60,6 +60,8 @@ HYBRID_EOM = {
 }
 HYBRID_DEPLOYED = {"tsm-rct": 4.0, "tsm-both": 6.0, "bidfcl-ppl": 5.0}
 SWEEP_GAP = {"tsm-rct": 0.05, "tsm-both": 0.03, "bidfcl-ppl": 0.02}  # share of the oracle lost
+HELPFUL = [0.40, 0.50, 0.75]  # bidfcl-ppl's share of helpful Bridge steps, per seed
+LAST_GATE = [0.6, 0.7, 0.8]
 
 
 def _cell(
@@ -121,6 +123,15 @@ def _cell(
             "seconds_per_epoch": 0.5,
         },
         "train_config": {},
+        "bilevel": (
+            {
+                "hypergradient_steps": 20,
+                "helpful_share": HELPFUL[index],
+                "gate_mean_per_epoch": [0.5, LAST_GATE[index]],
+            }
+            if method.startswith("bidfcl")
+            else None
+        ),
         "code_version": "abc123def456",
         "git_commit": "fd08e77",
         "device": device,
@@ -283,6 +294,29 @@ def test_gap_closed_and_paired_test_equal_a_hand_computation(written: Written) -
     assert row_of(table_of(report, "default"), "tsm-rct")["gap_closed"]["mean"] == 0.0
     oracle = table_of(report, "default")["oracle"]
     assert oracle["mean"] == pytest.approx(np.mean(ORACLE), abs=1e-12)
+
+
+def test_each_bidfcl_method_is_paired_with_every_other_and_its_bridge_is_shown(
+    written: Written,
+) -> None:
+    markdown, report = written.markdown, written.report
+    [pair] = table_of(report, "default")["pairs"]
+    own = np.array(TRUE_VALUE["bidfcl-ppl"])
+    for other in ("tsm-rct", "tsm-both"):
+        [versus] = [c for c in pair["versus"] if c["baseline"] == other]
+        theirs = np.array(TRUE_VALUE[other])
+        assert versus["mean_diff"] == pytest.approx((own - theirs).mean(), abs=1e-12)
+        assert versus["p_value"] == pytest.approx(stats.ttest_rel(own, theirs).pvalue, abs=1e-12)
+    assert pair["helpful_share"]["mean"] == pytest.approx(np.mean(HELPFUL), abs=1e-12)
+    assert pair["final_gate"]["mean"] == pytest.approx(np.mean(LAST_GATE), abs=1e-12)
+    spend = np.array(TRUE_COST["bidfcl-ppl"]) / np.array(BUDGET)
+    assert (pair["spend_range"]["min"], pair["spend_range"]["max"]) == (spend.min(), spend.max())
+    reference = np.array(TRUE_VALUE["tsm-rct"])
+    p_value = stats.ttest_rel(own, reference).pvalue
+    wins = int((own > reference).sum())
+    section = section_of(markdown, "default")
+    assert f"| bidfcl-ppl | {(own - reference).mean():+.3f} ({p_value:.3f}, {wins}/3) |" in section
+    assert f"| bidfcl-ppl | {np.mean(HELPFUL) * 100:.1f}% ± " in section
 
 
 def test_best_baseline_is_chosen_on_true_value_or_on_eom_without_truth(written: Written) -> None:

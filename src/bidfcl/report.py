@@ -51,6 +51,7 @@ METRICS = (
     "aucc",
 )
 TRUTH_METRICS = ("deployed_true_value", "deployed_true_cost", "oracle_value")
+BRIDGE = ("helpful_share", "final_gate", "chosen_gate")  # see _bridge_numbers
 REQUIRED = ("key", "spec", "dataset", "method", "seed", "budget", "n_treatments", "has_truth")
 GRID_POINT = ["spec", "dataset", "sweep_name", "sweep_value", "budget_scale", "method", "seed"]
 NOT_AVAILABLE = "n/a"
@@ -179,10 +180,25 @@ def _cell_row(cell: Mapping[str, Any]) -> dict[str, Any]:
         "seconds": _number(cell.get("seconds")),
         "seconds_per_epoch": _number(training.get("seconds_per_epoch")),
         "finished_at": str(cell.get("finished_at") or ""),
+        **_bridge_numbers(cell),
         **{
             name: _number(metrics.get(name)) if has_truth or name not in TRUTH_METRICS else math.nan
             for name in METRICS
         },
+    }
+
+
+def _bridge_numbers(cell: Mapping[str, Any]) -> dict[str, float]:
+    """What a bidfcl-* cell says about its Bridge: the share of Bridge steps that lowered
+    the held-out upper loss, the mean gate of its last epoch and the gate bidfcl-fixed chose
+    (NaN where the cell has none)."""
+    bilevel = cell.get("bilevel") or {}
+    gates = bilevel.get("gate_mean_per_epoch") or [math.nan]
+    learned = bool(bilevel.get("hypergradient_steps"))
+    return {
+        "helpful_share": _number(bilevel.get("helpful_share")) if learned else math.nan,
+        "final_gate": _number(gates[-1]),
+        "chosen_gate": _number((cell.get("fixed_gate") or {}).get("chosen")),
     }
 
 
@@ -273,7 +289,7 @@ def dataset_table(group: pd.DataFrame) -> dict[str, Any]:
     has_truth = bool(group["has_truth"].all())
     two_arms = bool((group["n_treatments"] == 2).all())
     metric = "deployed_true_value" if has_truth else "eom"
-    per_seed = group.pivot(index="seed", columns="method", values=[*METRICS, "budget"])
+    per_seed = group.pivot(index="seed", columns="method", values=[*METRICS, *BRIDGE, "budget"])
     scores = per_seed[metric].mean()
     eom_ratio = ratio_to_reference(per_seed["eom"])
     if has_truth:
@@ -301,6 +317,24 @@ def dataset_table(group: pd.DataFrame) -> dict[str, Any]:
         }
         for method in ordered_methods(group["method"])
     ]
+    own = [method for method in ordered_methods(group["method"]) if is_own(method)]
+    pairs = [
+        {
+            "method": method,
+            "helpful_share": mean_sd(per_seed["helpful_share"][method]),
+            "final_gate": mean_sd(per_seed["final_gate"][method]),
+            "chosen_gates": _gate_counts(per_seed["chosen_gate"][method]),
+            "spend_range": _range(
+                columns.get("true_spend_ratio", columns.get("spend_ratio"))[method]
+            ),
+            "versus": [
+                paired_comparison(per_seed[metric], method, other)
+                for other in ordered_methods(group["method"])
+                if other != method
+            ],
+        }
+        for method in own
+    ]
     return {
         "has_truth": has_truth,
         "two_arms": two_arms,
@@ -312,8 +346,22 @@ def dataset_table(group: pd.DataFrame) -> dict[str, Any]:
         "best_baseline": best,
         "runner_up": best_baseline(scores, best) if best is not None else None,
         "rows": rows,
+        "pairs": pairs,
         "oracle": mean_sd(oracle) if has_truth else None,
     }
+
+
+def _gate_counts(chosen: pd.Series) -> dict[str, int]:
+    """How many seeds bidfcl-fixed chose each constant gate on (empty for other methods)."""
+    counts = chosen.dropna().value_counts()
+    return {f"{gate:g}": int(counts[gate]) for gate in sorted(counts.index)}
+
+
+def _range(values: pd.Series) -> dict[str, float]:
+    present = values.dropna()
+    if present.empty:
+        return {"min": math.nan, "max": math.nan}
+    return {"min": float(present.min()), "max": float(present.max())}
 
 
 def sweep_points(group: pd.DataFrame) -> tuple[pd.DataFrame, str, bool]:
@@ -533,6 +581,11 @@ def _conventions() -> list[str]:
         "fewer than two paired seeds or differences without variance; wins counts the seeds "
         "where the row is higher.",
         "- AUCC is shown on two-arm data, which has no budget-value curve.",
+        "- Under each table, every bidfcl-* method against every other method, paired the "
+        "same way, then its Bridge: the share of Bridge steps after which the upper (RCT "
+        "decision) loss on the held-out RCT batch was lower (mean over seeds), the mean gate "
+        "in the last epoch, the constant gate bidfcl-fixed chose on rct_val (seeds per gate), "
+        "and the lowest and highest spend / budget over seeds.",
         "",
     ]
 
@@ -563,6 +616,7 @@ def _table_section(table: Mapping[str, Any]) -> list[str]:
     if table["oracle"] is not None:
         rows.append([_oracle_cell(name, table["oracle"]) for name, _ in columns])
     lines += _markdown_table([name for name, _ in columns], rows)
+    lines += _pairs_section(table)
     for figure in table["figures"]:
         lines += _figure_block(figure)
     return lines
@@ -596,6 +650,56 @@ def _table_columns(table: Mapping[str, Any]) -> list[tuple[str, Any]]:
         ("wins", lambda r: f"{r['versus']['wins']}/{r['versus']['n']}" if r["versus"] else EMPTY),
     ]
     return columns
+
+
+def _pairs_section(table: Mapping[str, Any]) -> list[str]:
+    """Each bidfcl-* method against every other method, paired by seed, with what its
+    Bridge did and the spread of its spend over seeds."""
+    if not table["pairs"]:
+        return []
+    others = [row["method"] for row in table["rows"]]
+    metric = "deployed true value" if table["has_truth"] else "EOM"
+    lines = [
+        f"Paired by seed, each bidfcl-* method minus each other method in {metric}: "
+        "Δ (p, wins / seeds).",
+        "",
+    ]
+    rows = []
+    for pair in table["pairs"]:
+        cells = {c["baseline"]: c for c in pair["versus"]}
+        rows.append(
+            [pair["method"]]
+            + [_pair_text(cells[other]) if other in cells else EMPTY for other in others]
+        )
+    lines += _markdown_table(["method", *others], rows)
+    lines += _markdown_table(
+        [
+            "method",
+            "Bridge steps that helped",
+            "last-epoch mean gate",
+            "fixed gate chosen",
+            "spend / budget, seed range",
+        ],
+        [
+            [
+                pair["method"],
+                _mean_sd(pair["helpful_share"], 1, percent=True),
+                _mean_sd(pair["final_gate"], 2),
+                ", ".join(f"{g}: {n}" for g, n in pair["chosen_gates"].items()) or EMPTY,
+                f"{_number_text(pair['spend_range']['min'], 3)} – "
+                f"{_number_text(pair['spend_range']['max'], 3)}",
+            ]
+            for pair in table["pairs"]
+        ],
+    )
+    return lines
+
+
+def _pair_text(comparison: Mapping[str, Any]) -> str:
+    return (
+        f"{_signed(comparison['mean_diff'], 3)} ({_p_value(comparison['p_value'])}, "
+        f"{comparison['wins']}/{comparison['n']})"
+    )
 
 
 def _oracle_cell(column: str, oracle: Mapping[str, Any]) -> str:
