@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -130,6 +131,23 @@ def test_the_cache_key_follows_data_settings_seed_and_code(tmp_path: Path) -> No
     assert replace(cell, config=replace(cell.config, lr=0.01)).key(tmp_path) != key
     other_data = replace(cell.dataset, settings={**TINY_DATA, "bias": 2.0})
     assert replace(cell, dataset=other_data).key(tmp_path) != key
+
+
+def test_the_recorded_commit_says_when_the_sources_differ_from_it(tmp_path: Path) -> None:
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "learner.py").write_text("step = 1\n")
+    git("add", "learner.py")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "first")
+    recorded = benchmark.git_commit.__wrapped__  # uncached: a worker caches it at its start
+    commit = recorded(tmp_path)
+    assert commit and "dirty" not in commit
+    (tmp_path / "notes.txt").write_text("untracked files do not count")
+    assert recorded(tmp_path) == commit
+    (tmp_path / "learner.py").write_text("step = 2\n")
+    assert recorded(tmp_path) == f"{commit}+dirty"
 
 
 def test_the_code_version_covers_every_module_a_cell_runs() -> None:

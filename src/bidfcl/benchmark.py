@@ -389,15 +389,26 @@ def _package_imports(package: Path, start: str) -> set[str]:
 
 
 @cache
-def git_commit() -> str | None:
-    """The checkout's commit, for the record (not part of the key: see code_version)."""
+def git_commit(package: Path = Path(__file__).parent) -> str | None:
+    """The checkout's commit, for the record (not part of the key: see code_version), with
+    ``+dirty`` when the package's tracked sources differ from it: the cell then ran code no
+    commit holds, and only its code version identifies it."""
     done = subprocess.run(
-        ["git", "-C", str(Path(__file__).parent), "rev-parse", "--short", "HEAD"],
+        ["git", "-C", str(package), "rev-parse", "--short", "HEAD"],
         capture_output=True,
         text=True,
         check=False,
     )
-    return done.stdout.strip() or None
+    commit = done.stdout.strip()
+    if not commit:
+        return None
+    changed = subprocess.run(
+        ["git", "-C", str(package), "status", "--porcelain", "--untracked-files=no", "."],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return f"{commit}+dirty" if changed.stdout.strip() else commit
 
 
 def device_name() -> str:

@@ -399,6 +399,23 @@ def sweep_table(points: pd.DataFrame, label: str, has_truth: bool) -> dict[str, 
     }
 
 
+def code_versions(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    """The code versions the cells ran (with their git commits) and how many cells each:
+    tables of one page may come from different versions, and each says which."""
+    commits = frame["git_commit"].fillna("not recorded")
+    counts = frame.assign(git_commit=commits).groupby(["code_version", "git_commit"]).size()
+    return [
+        {"code_version": version, "git_commit": commit, "cells": int(n)}
+        for (version, commit), n in counts.items()
+    ]
+
+
+def _code_text(code: Sequence[Mapping[str, Any]]) -> str:
+    return "; ".join(
+        f"`{c['code_version']}` (git {c['git_commit']}, {c['cells']} cells)" for c in code
+    )
+
+
 def device_counts(frame: pd.DataFrame) -> list[dict[str, Any]]:
     return [
         {"device": d, "cells": int(n)} for d, n in sorted(frame["device"].value_counts().items())
@@ -479,6 +496,7 @@ def build_report(
         cells = [cells_by_key[key] for key in group["key"]]
         table = {**ident, "spec": spec, "dataset": dataset, "budget_scale": scale}
         table |= dataset_table(group)
+        table["code"] = code_versions(group)
         table["figures"] = [link(f, group) for f in _dataset_figures(table, cells, colours)]
         tables.append(table)
     sweeps = []
@@ -491,6 +509,7 @@ def build_report(
         figure = sweep_figure(f"sweep-{ident['id']}", title, points, parameter, label, colours)
         sweep = {**ident, "spec": spec, "sweep": name, "parameter": parameter}
         sweep |= sweep_table(points, label, has_truth)
+        sweep["code"] = code_versions(group)
         sweep["figures"] = [link(figure, group)]
         sweeps.append(sweep)
     report = {
@@ -599,7 +618,8 @@ def _table_section(table: Mapping[str, Any]) -> list[str]:
         "",
         f"Spec `{table['spec']}`; {table['n_treatments']} arms; budget "
         f"{_mean_sd(table['budget'], 3)} per user ({table['budget_scale']:g}× the default); "
-        f"seeds {seeds}; ground truth: {'yes' if truth else 'no (estimates only)'}.",
+        f"seeds {seeds}; ground truth: {'yes' if truth else 'no (estimates only)'}; code "
+        f"{_code_text(table['code'])}.",
         "",
     ]
     if table["best_baseline"] is None:
@@ -721,7 +741,8 @@ def _sweep_section(sweep: Mapping[str, Any]) -> list[str]:
         "",
         f"Spec `{sweep['spec']}`; x = `{sweep['parameter']}`; y = {sweep['y']}, mean ± sd over "
         "seeds (seeds in brackets)"
-        + ("." if sweep["has_truth"] else "; no ground truth, so estimates only."),
+        + ("" if sweep["has_truth"] else "; no ground truth, so estimates only")
+        + f"; code {_code_text(sweep['code'])}.",
         "",
     ]
     header = ["method", *(f"{sweep['parameter']} = {value:g}" for value in values)]
