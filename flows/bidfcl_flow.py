@@ -1,4 +1,4 @@
-"""The Prefect flow: ingest -> validate -> version -> train -> evaluate -> promote.
+"""The Prefect flow: ingest -> validate -> version -> train -> evaluate -> promote -> push.
 
 Each task calls the same stage functions as ``bidfcl stage NAME`` and ``dvc repro``, then
 records the stage in DVC (``dvc commit``), so after a flow run ``dvc status`` is clean and
@@ -6,6 +6,9 @@ records the stage in DVC (``dvc commit``), so after a flow run ``dvc status`` is
 worker processes, where the stage trains them one after another. A batch that fails
 validation stops the flow there: the report becomes a Prefect artifact, data/landing is put
 back, and the versioned data, models, metrics and registry keep their previous state.
+A successful run ends by pushing the data and models to the DVC remote; a push that fails
+fails the flow run (exit 1) with the error, and keeps the run's results: rerun the push alone
+with ``bidfcl stage push``.
 
 Run once:      python flows/bidfcl_flow.py [--data-path DIR] [--budget B] [--project-dir DIR]
 Serve nightly: python flows/bidfcl_flow.py --serve   (schedule and parameters from prefect.yaml)
@@ -61,15 +64,18 @@ if __name__ in sys.modules:
 
 def transient(task: Any, task_run: Any, state: Any) -> bool:
     """Retry only errors that can pass on their own: a dropped connection, a time-out, a lock
-    another process holds (DVC's, a sqlite registry's). A missing folder or bad data fails
-    the same way every time, so it is not retried."""
+    another process holds (DVC's, a sqlite registry's), files a DVC remote failed to take;
+    also as the cause of a stage's own error (a failed push). A missing folder or bad data
+    fails the same way every time, so it is not retried."""
     try:
         state.result()
-    except (ConnectionError, TimeoutError):
-        return True
     except Exception as error:
-        text = str(error).lower()
-        return type(error).__name__ == "LockError" or "database is locked" in text
+        for cause in (error, error.__cause__):
+            if isinstance(cause, ConnectionError | TimeoutError):
+                return True
+            if type(cause).__name__ in ("LockError", "UploadError"):
+                return True
+        return "database is locked" in str(error).lower()
     return False
 
 
@@ -171,6 +177,18 @@ def promote_task(root: Path, config: PromoteParams, tracking: TrackingParams) ->
     return promotion
 
 
+@task(name="push", retries=2, retry_delay_seconds=5, retry_condition_fn=transient)
+def push_task(root: Path) -> dict[str, Any]:
+    """Last, once every result is recorded: the remote (storage, possibly over a network) can
+    be briefly unavailable, so retried; a push changes nothing locally, so a failure leaves
+    the run's results standing."""
+    pushed = stages.push(root)
+    get_run_logger().info(
+        f"DVC remote {pushed['remote']}: {pushed['pushed']} file(s) pushed (data/raw, models/)"
+    )
+    return pushed
+
+
 def run_overrides(data_path: str | None, budget: float | None) -> dict[str, Any]:
     """The flow's parameters as dotted overrides of params.yaml."""
     overrides: dict[str, Any] = {}
@@ -194,7 +212,8 @@ def bidfcl_pipeline(
     data_path: str | None = None,
     budget: float | None = None,
 ) -> dict[str, Any]:
-    """Validate, version, train, evaluate and gate one batch of logs.
+    """Validate, version, train, evaluate and gate one batch of logs, then push the versioned
+    data and models to the DVC remote (a failed push fails the run and undoes nothing).
 
     ``data_path``: a dataset folder with the new batch (None: ``ingest.source`` in
     params.yaml, by default the simulator). ``budget``: mean cost per user for training and
@@ -220,6 +239,7 @@ def bidfcl_pipeline(
         train_task(root, params.train, params.tracking)
         metrics = evaluate_task(root, params.evaluate)
         promotion = promote_task(root, params.promote, params.tracking)
+        pushed = push_task(root, return_state=True)
 
     rows = stages.summary_rows(metrics)
     create_table_artifact(
@@ -234,6 +254,8 @@ def bidfcl_pipeline(
     return {
         "rows": rows,
         "promotion": promotion,
+        # a failed push raises its error here: the flow run fails, the results above stay
+        "push": pushed.result(),
         "curves": str(root / stages.BUDGET_VALUE_PNG),
         "metrics": str(root / stages.METRICS_FILE),
     }
@@ -269,7 +291,10 @@ def main() -> None:
     if args.serve:
         serve(nightly_runner())
         return
-    result = bidfcl_pipeline(args.project_dir, args.data_path, args.budget)
+    try:
+        result = bidfcl_pipeline(args.project_dir, args.data_path, args.budget)
+    except stages.PushFailed as failure:
+        sys.exit(f"error: {failure}")
     promotion = result["promotion"]
     print()
     print(stages.render_table(result["rows"]))

@@ -3,13 +3,21 @@ and the suite runs offline: no telemetry, and no connection leaves this machine.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import importlib.util
 import ipaddress
 import os
 import shutil
+import signal
 import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -116,6 +124,18 @@ def prefect_harness() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
+def pipeline_flow() -> ModuleType:
+    """flows/bidfcl_flow.py, loaded once per session (flows/ is no package)."""
+    path = Path(__file__).resolve().parents[1] / "flows" / "bidfcl_flow.py"
+    spec = importlib.util.spec_from_file_location("bidfcl_flow", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # Prefect finds a deployable flow's module by name
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
 def small_dataset_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A valid simulated dataset folder, shared read-only by the whole session."""
     from bidfcl.simulate import SimulatorConfig, simulate_to_folder
@@ -160,3 +180,56 @@ def project(small_dataset_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyP
     shutil.copytree(small_dataset_dir, root / stages.RAW_DIR)
     write_json(root / stages.VALIDATION_REPORT, {"passed": True})
     return root
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@contextlib.contextmanager
+def running_mlflow_server(
+    backend_store_uri: str, home: Path, env: dict[str, str] | None = None
+) -> Iterator[str]:
+    """``mlflow server`` on 127.0.0.1 and a free port, artifacts in ``home/artifacts``;
+    yields its plain http URL once it answers, and stops it and its workers afterwards."""
+    port = free_port()
+    command = [
+        str(Path(sys.executable).with_name("mlflow")),
+        "server",
+        *("--backend-store-uri", backend_store_uri),
+        *("--artifacts-destination", str(home / "artifacts")),
+        *("--host", "127.0.0.1", "--port", str(port), "--workers", "1"),
+    ]
+    log_path = home / "server.log"
+    log = log_path.open("w")
+    server = subprocess.Popen(
+        command,
+        cwd=home,
+        env={**os.environ, **(env or {})},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        deadline = time.monotonic() + 240  # a first start creates MLflow's tables
+        while True:
+            assert server.poll() is None, log_path.read_text()[-3000:]
+            assert time.monotonic() < deadline, "the MLflow server did not start in 240 s"
+            with contextlib.suppress(OSError), direct.open(f"{url}/health", timeout=2):
+                break
+            time.sleep(1)
+        yield url
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # its own session: server and workers
+            os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        log.close()

@@ -2,14 +2,16 @@
 
 One Prefect test harness (conftest.py) serves the whole session. The module runs the flow
 twice on the same batch (first model promoted, then an equal challenger rejected) and then on
-a corrupt batch (stopped at validation, nothing downstream touched); then, in a project of its
-own, on a candidate and a baseline trained at once (a second run's baseline diverges).
+a corrupt batch (stopped at validation, nothing downstream touched); each successful run
+pushes to the project's default DVC remote (a folder beside it), which a copy of the project
+pulls back from. A run whose push fails, in a project of its own, fails and keeps its
+results. Then, in another project, a candidate and a baseline train at once (a second run's
+baseline diverges).
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -36,20 +38,9 @@ from bidfcl.scoring import allocate_file
 from test_resume import same_weights
 from test_stages import REPO, make_project
 
-FLOW_FILE = REPO / "flows" / "bidfcl_flow.py"
 MODEL_NAME = "bidfcl-uplift"
 GIT_COMMIT = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q"]
 COMMITTED_RESULTS = (stages.PROMOTION_FILE, stages.VALIDATION_REPORT)
-
-
-@pytest.fixture(scope="module")
-def flow_module() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bidfcl_flow", FLOW_FILE)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # Prefect finds a deployable flow's module by name
-    spec.loader.exec_module(module)
-    return module
 
 
 @dataclass
@@ -61,14 +52,19 @@ class Runs:
     params_yaml: bytes  # params.yaml before the runs
 
     def client(self) -> MlflowClient:
-        uri = registry.tracking_uri(self.root, TrackingParams().uri)
-        return MlflowClient(uri, uri)
+        return registry_client(self.root)
+
+
+def registry_client(root: Path) -> MlflowClient:
+    """The project's own MLflow store (the default sqlite file)."""
+    uri = registry.tracking_uri(root, TrackingParams().uri)
+    return MlflowClient(uri, uri)
 
 
 @pytest.fixture(scope="module")
 def runs(
     prefect_harness: None,
-    flow_module: ModuleType,
+    pipeline_flow: ModuleType,
     small_dataset_dir: Path,
     tmp_path_factory: pytest.TempPathFactory,
     monkeypatch_module: pytest.MonkeyPatch,
@@ -88,7 +84,7 @@ def runs(
         check=True,
     )
     params_yaml = (root / "params.yaml").read_bytes()
-    flow = flow_module.bidfcl_pipeline
+    flow = pipeline_flow.bidfcl_pipeline
     first = flow(project_dir=str(root), data_path=str(batch))
     second = flow(project_dir=str(root), data_path=str(batch))
     return Runs(root, batch, first, second, params_yaml)
@@ -220,6 +216,103 @@ def test_dvc_knows_everything_the_flow_wrote(runs: Runs) -> None:
     ]
 
 
+def cached_outputs(root: Path) -> list[str]:
+    """The outputs DVC caches (what a push uploads), as project-relative paths."""
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        return sorted(out.def_path for out in repo.index.outs if out.use_cache)
+
+
+def output_digests(root: Path, outputs: list[str]) -> dict[str, str]:
+    files = [path for out in outputs for path in sorted((root / out).rglob("*")) if path.is_file()]
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+def test_the_remote_gives_back_every_artifact_the_run_versioned(runs: Runs) -> None:
+    """A copy of the project without DVC's cache and the cached outputs pulls them back,
+    byte for byte, from the default remote the flow pushed to (.dvc/config's folder beside
+    the checkout: the copy sits beside the project, so it reaches the same remote)."""
+    remote = runs.root.parent / "bidfcl-dvc-remote"
+    assert runs.first["push"]["remote"] == "local"
+    assert runs.first["push"]["pushed"] > 0 and any(p.is_file() for p in remote.rglob("*"))
+    # incremental: the second run's data is the first's, only what changed goes up
+    assert runs.second["push"]["pushed"] < runs.first["push"]["pushed"]
+    outputs = cached_outputs(runs.root)
+    assert outputs == ["data/raw", "models"]
+    expected = output_digests(runs.root, outputs)
+    assert any(name.endswith("weights.pt") for name in expected)
+
+    clone = runs.root.parent / "clone"
+    shutil.copytree(runs.root, clone, symlinks=True)
+    shutil.rmtree(clone / ".dvc" / "cache")
+    # data/validated is data.dvc's import source: without it the data can only come back
+    # from the remote
+    for gone in (*outputs, "data/validated", "data/landing"):
+        shutil.rmtree(clone / gone)
+    dvc = Path(sys.executable).with_name("dvc")
+    pulled = subprocess.run([dvc, "pull"], cwd=clone, capture_output=True, text=True)
+    assert pulled.returncode == 0, pulled.stdout + pulled.stderr
+    assert output_digests(clone, outputs) == expected
+    again = CliRunner().invoke(app, ["stage", "push", "--root", str(clone)])
+    assert again.exit_code == 0, again.output
+    assert "DVC remote local: 0 file(s) pushed" in again.output  # it holds them all
+
+
+def test_a_failed_push_to_the_remote_says_so_and_changes_nothing(
+    runs: Runs, tmp_path: Path
+) -> None:
+    copy = tmp_path / "project"
+    shutil.copytree(runs.root, copy, symlinks=True)
+    (tmp_path / "blocker").write_text("a file where the remote's folder should be")
+    dvc = Path(sys.executable).with_name("dvc")
+    subprocess.run(
+        [dvc, "remote", "add", "--local", "broken", str(tmp_path / "blocker" / "remote")],
+        cwd=copy,
+        check=True,
+    )
+    before = fingerprint(copy)
+    with pytest.raises(stages.PushFailed, match=r"remote broken failed.*results are in place"):
+        stages.push(copy, "broken")
+    assert fingerprint(copy) == before
+
+
+def test_a_run_whose_push_to_the_remote_fails_fails_and_keeps_its_results(
+    prefect_harness: None,
+    pipeline_flow: ModuleType,
+    small_dataset_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    root = make_project(
+        tmp_path / "project",
+        train={"method": "tsm-rct", "max_epochs": 2, "patience": 1, "baselines": []},
+    )
+    subprocess.run([*GIT_COMMIT, "--allow-empty", "-m", "project"], cwd=root, check=True)
+    (tmp_path / "blocker").write_text("a file where the remote's folder should be")
+    dvc = Path(sys.executable).with_name("dvc")
+    for command in (
+        ["remote", "add", "--local", "broken", str(tmp_path / "blocker" / "r")],
+        ["remote", "default", "--local", "broken"],
+    ):
+        subprocess.run([dvc, *command], cwd=root, check=True)
+
+    state = pipeline_flow.bidfcl_pipeline(
+        project_dir=str(root), data_path=str(small_dataset_dir), return_state=True
+    )
+
+    assert state.is_failed()
+    with pytest.raises(stages.PushFailed, match=r"remote broken failed.*results are in place"):
+        state.result()
+    promotion = json.loads((root / stages.PROMOTION_FILE).read_text())
+    assert promotion["decision"] == "promoted"  # the gate's decision stands
+    assert stages.read_manifest(root)["methods"] == ["tsm-rct"]
+    assert dvc_status(root) == {}  # data, models and results recorded, nothing undone
+    champion = registry_client(root).get_model_version_by_alias(MODEL_NAME, "champion")
+    assert str(champion.version) == promotion["version"]
+
+
 def test_second_run_on_the_same_data_promotes_nothing_and_says_why(runs: Runs) -> None:
     promotion = runs.second["promotion"]
     assert promotion["decision"] == "rejected"
@@ -281,7 +374,7 @@ def test_the_champion_loads_from_the_registry_and_allocates(
 
 
 def test_a_corrupt_batch_stops_at_validation_and_touches_nothing(
-    runs: Runs, flow_module: ModuleType, tmp_path: Path
+    runs: Runs, pipeline_flow: ModuleType, tmp_path: Path
 ) -> None:
     corrupt = tmp_path / "corrupt"
     shutil.copytree(runs.batch, corrupt)
@@ -292,7 +385,7 @@ def test_a_corrupt_batch_stops_at_validation_and_touches_nothing(
     before_aliases = aliases(runs.client())
     n_versions = len(runs.client().search_model_versions(f"name='{MODEL_NAME}'"))
 
-    state = flow_module.bidfcl_pipeline(
+    state = pipeline_flow.bidfcl_pipeline(
         project_dir=str(runs.root), data_path=str(corrupt), return_state=True
     )
 
@@ -307,33 +400,38 @@ def test_a_corrupt_batch_stops_at_validation_and_touches_nothing(
     assert aliases(runs.client()) == before_aliases
 
 
-def test_the_nightly_deployment_matches_prefect_yaml(flow_module: ModuleType) -> None:
+def test_the_nightly_deployment_matches_prefect_yaml(pipeline_flow: ModuleType) -> None:
     declared = yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]
     nightly = next(d for d in declared if d["name"] == "nightly")
-    assert nightly == flow_module.nightly_deployment()
+    assert nightly == pipeline_flow.nightly_deployment()
     assert nightly["entrypoint"] == "flows/bidfcl_flow.py:bidfcl_pipeline"
     assert nightly["schedules"][0]["cron"] == "0 2 * * *"
     assert nightly["concurrency_limit"] == 1  # runs share params.yaml, data/ and the registry
-    flow = flow_module.bidfcl_pipeline
+    flow = pipeline_flow.bidfcl_pipeline
     assert set(nightly["parameters"]) <= set(flow.parameters.properties)
     assert flow.validate_parameters(nightly["parameters"]) == nightly["parameters"]
-    deployment = flow_module.nightly_runner()  # what `--serve` serves
+    deployment = pipeline_flow.nightly_runner()  # what `--serve` serves
     assert deployment.schedules[0].schedule.cron == "0 2 * * *"
     assert deployment.parameters == nightly["parameters"]
     assert deployment.concurrency_limit == 1
 
 
-def test_only_transient_errors_are_retried(flow_module: ModuleType) -> None:
+def test_only_transient_errors_are_retried(pipeline_flow: ModuleType) -> None:
     from prefect.states import Failed
 
     def retried(error: Exception) -> bool:
-        return flow_module.transient(None, None, Failed(data=error))
+        return pipeline_flow.transient(None, None, Failed(data=error))
 
     assert retried(ConnectionError("registry unreachable"))
     assert retried(TimeoutError("timed out"))
     assert retried(RuntimeError("(sqlite3.OperationalError) database is locked"))
     assert not retried(FileNotFoundError("data/incoming: not a dataset folder"))
     assert not retried(ValueError("rct_train.parquet: column treatment out of range"))
+    from dvc.exceptions import UploadError
+
+    failed_upload = stages.PushFailed("dvc push failed")
+    failed_upload.__cause__ = UploadError(3)
+    assert retried(failed_upload)  # files the remote did not take are pushed again
 
 
 def test_a_retried_promotion_reuses_its_runs_and_version(runs: Runs) -> None:
@@ -367,7 +465,7 @@ class Parallel:
 @pytest.fixture(scope="module")
 def parallel(
     prefect_harness: None,
-    flow_module: ModuleType,
+    pipeline_flow: ModuleType,
     small_dataset_dir: Path,
     tmp_path_factory: pytest.TempPathFactory,
     monkeypatch_module: pytest.MonkeyPatch,
@@ -385,7 +483,7 @@ def parallel(
         },
     )
     subprocess.run([*GIT_COMMIT, "--allow-empty", "-m", "project"], cwd=root, check=True)
-    state = flow_module.bidfcl_pipeline(
+    state = pipeline_flow.bidfcl_pipeline(
         project_dir=str(root), data_path=str(small_dataset_dir), return_state=True
     )
     assert state.is_completed(), state
@@ -454,7 +552,7 @@ def test_the_flow_publishes_what_the_train_stage_trains(parallel: Parallel) -> N
 
 
 def test_a_method_failing_in_its_task_fails_the_flow_and_publishes_nothing(
-    parallel: Parallel, flow_module: ModuleType, small_dataset_dir: Path
+    parallel: Parallel, pipeline_flow: ModuleType, small_dataset_dir: Path
 ) -> None:
     """dfcl-ppl's decision phase diverges while tsm-rct trains fine beside it."""
     root = parallel.root
@@ -467,7 +565,7 @@ def test_a_method_failing_in_its_task_fails_the_flow_and_publishes_nothing(
     client = MlflowClient(uri, uri)
     n_versions = len(client.search_model_versions(f"name='{MODEL_NAME}'"))
 
-    state = flow_module.bidfcl_pipeline(
+    state = pipeline_flow.bidfcl_pipeline(
         project_dir=str(root), data_path=str(small_dataset_dir), return_state=True
     )
 

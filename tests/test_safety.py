@@ -14,13 +14,11 @@ import contextlib
 import importlib.util
 import json
 import os
-import signal
 import socket
 import stat
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -40,6 +38,7 @@ from bidfcl.contract import META_FILE, TABLES, table_file
 from bidfcl.io import DIR_MODE, FILE_MODE, atomic_write, replace_dir, write_json
 from bidfcl.model import WEIGHTS_FILE, UpliftModel
 from bidfcl.params import IngestParams, load_params
+from conftest import free_port, running_mlflow_server
 from test_stages import REPO, make_project
 
 SECRET = "s3cret"
@@ -227,54 +226,12 @@ def test_safety_io_writes_are_not_world_writable_under_umask_000(tmp_path: Path)
 # ----------------------------------------------------------------- a pipeline run
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A tracking server on loopback (sqlite store); yields its plain http URL."""
     home = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    command = [
-        str(Path(sys.executable).with_name("mlflow")),
-        "server",
-        "--backend-store-uri",
-        f"sqlite:///{home / 'mlflow.db'}",
-        "--artifacts-destination",
-        str(home / "artifacts"),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-    ]
-    log = (home / "server.log").open("w")
-    server = subprocess.Popen(
-        command, cwd=home, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
-    url = f"http://127.0.0.1:{port}"
-    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert server.poll() is None, (home / "server.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "the MLflow server did not start in 180 s"
-            with contextlib.suppress(OSError), direct.open(f"{url}/health", timeout=2):
-                break
-            time.sleep(1)
+    with running_mlflow_server(f"sqlite:///{home / 'mlflow.db'}", home) as url:
         yield url
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)  # its own session: the server and its workers
-        try:
-            server.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-        log.close()
 
 
 # The child: umask 000 (the CLI must tighten it itself), every stage, the registry lookups,

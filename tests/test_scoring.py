@@ -5,17 +5,20 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from typer.testing import CliRunner
 
-from bidfcl.allocation import lagrangian_choice, solve_mckp
-from bidfcl.cli import app
-from bidfcl.contract import RCT_TEST, load_dataset
-from bidfcl.deployment import Calibration
+from bidfcl.allocation import STATUS_OK, lagrangian_choice, solve_mckp
+from bidfcl.cli import app, main
+from bidfcl.contract import RCT_TEST, TREATMENT, USER_ID, DataContractError, load_dataset
+from bidfcl.deployment import Calibration, deploy
 from bidfcl.methods import train_to_folder
-from bidfcl.model import FeatureMismatchError, UpliftModel
+from bidfcl.model import FeatureMismatchError, ModelConfig, UpliftModel
 from bidfcl.scoring import Metrics, allocate_file, evaluate_model
 from bidfcl.train_config import TrainConfig
 
@@ -160,3 +163,100 @@ def test_allocate_ships_the_calibrated_lambda_at_the_calibrated_budget(
     revenue, cost = model.predict(x)
     assert result.status == "calibrated" and result.lam == calibration.lam
     assert result.treatment.equal(lagrangian_choice(revenue, cost, calibration.lam))
+
+
+# ----------------------------------------------------------------------------- streaming
+
+FEATURES = [f"f{i}" for i in range(5)]
+
+
+@pytest.fixture(scope="module")
+def streaming_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[UpliftModel, Path]:
+    """An untrained (random-weight) saved model: allocation needs scores, not good ones."""
+    torch.manual_seed(0)
+    x = torch.randn(256, len(FEATURES)) * 3 + 1
+    model = UpliftModel.build(x, FEATURES, ["control", "a", "b", "c"], ModelConfig(hidden=(8,)))
+    return model, model.save(tmp_path_factory.mktemp("streaming") / "model")
+
+
+def _users_file(path: Path, n: int, row_group_size: int, seed: int = 0) -> pd.DataFrame:
+    """Shuffled ids and float64 features, written in many row groups."""
+    rng = np.random.default_rng(seed)
+    users = pd.DataFrame(rng.normal(1.0, 3.0, (n, len(FEATURES))), columns=FEATURES)
+    users.insert(0, USER_ID, rng.permutation(10 * n)[:n].astype(np.int64))
+    pq.write_table(pa.Table.from_pandas(users), path, row_group_size=row_group_size)
+    return users
+
+
+def test_allocate_streaming_matches_in_memory(
+    streaming_model: tuple[UpliftModel, Path], tmp_path: Path
+) -> None:
+    model, model_dir = streaming_model
+    users_file = tmp_path / "users.parquet"
+    users = _users_file(users_file, 1000, row_group_size=37)
+    assert pq.ParquetFile(users_file).metadata.num_row_groups > 20
+    revenue, cost = model.predict(torch.tensor(users[FEATURES].to_numpy(), dtype=torch.float32))
+    cheapest = float(cost.min(1).values.mean())
+    unconstrained = solve_mckp(revenue, cost, float(cost.max())).mean_cost
+    budget = cheapest + 0.4 * (unconstrained - cheapest)
+    in_memory = deploy(model, revenue, cost, budget)
+    assert in_memory.status == STATUS_OK  # the budget binds: the exact MCKP, not a shortcut
+
+    out = tmp_path / "plan.parquet"
+    streamed = allocate_file(model_dir, users_file, budget, out, chunk_rows=50)
+    written = pd.read_parquet(out)
+    assert list(written.columns) == [USER_ID, TREATMENT]
+    np.testing.assert_array_equal(written[USER_ID], users[USER_ID])
+    np.testing.assert_array_equal(written[TREATMENT], in_memory.treatment.numpy())
+    assert pq.ParquetFile(out).metadata.num_row_groups == 20  # written chunk by chunk
+    # float32 predictions of a 50-row batch may differ from a whole-table one in the last bit
+    assert streamed.lam == pytest.approx(in_memory.lam, rel=1e-6)
+    assert streamed.mean_cost == pytest.approx(in_memory.mean_cost, rel=1e-6)
+
+    via_cli = tmp_path / "cli.parquet"
+    argv = ["allocate", str(model_dir), str(users_file), "--budget", repr(budget)]
+    assert main([*argv, "--out", str(via_cli), "--chunk-rows", "64"]) == 0
+    pd.testing.assert_frame_equal(pd.read_parquet(via_cli), written)
+
+
+@pytest.mark.parametrize("missing", ["nan", "null"])
+def test_allocate_streaming_refuses_missing_features(
+    streaming_model: tuple[UpliftModel, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    missing: str,
+) -> None:
+    _, model_dir = streaming_model
+    users_file = tmp_path / "users.parquet"
+    users = _users_file(users_file, 300, row_group_size=40)
+    table = pa.Table.from_pandas(users)
+    column = pa.array(users["f3"].where(users.index != 250, np.nan), from_pandas=missing == "null")
+    assert column.null_count == (missing == "null")
+    pq.write_table(table.set_column(4, "f3", column), users_file, row_group_size=40)
+    out = tmp_path / "plan.parquet"
+    out.write_text("the previous plan")
+
+    argv = ["allocate", str(model_dir), str(users_file), "--budget", "0.5", "--out", str(out)]
+    assert main([*argv, "--chunk-rows", "32"]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in lines[0]
+    assert f"{users_file}: column 'f3' breaks features_finite" in lines[0]
+    assert out.read_text() == "the previous plan"  # nothing written, the old file kept
+    assert {p.name for p in tmp_path.iterdir()} == {"users.parquet", "plan.parquet"}
+    with pytest.raises(DataContractError) as refused:
+        allocate_file(model_dir, users_file, 0.5, out, chunk_rows=32)
+    assert (refused.value.file, refused.value.column) == (str(users_file), "f3")
+    assert refused.value.rule == "features_finite"
+
+
+def test_allocate_streaming_refuses_a_user_repeated_across_chunks(
+    streaming_model: tuple[UpliftModel, Path], tmp_path: Path
+) -> None:
+    _, model_dir = streaming_model
+    users_file = tmp_path / "users.parquet"
+    users = _users_file(users_file, 200, row_group_size=30)
+    users.loc[190, USER_ID] = users.loc[3, USER_ID]  # chunk 0 and chunk 3 of 50 rows
+    users.to_parquet(users_file, index=False)
+    with pytest.raises(DataContractError, match="user_id_unique"):
+        allocate_file(model_dir, users_file, 0.5, tmp_path / "p.parquet", chunk_rows=50)
+    assert not (tmp_path / "p.parquet").exists()

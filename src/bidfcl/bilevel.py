@@ -41,6 +41,12 @@ helpful if the upper loss on the same held-out batch went down (``helpful_share`
 model's metadata). Every OBS batch the Target takes one real Adam step on the lower loss
 with the current gates. The saved model is the Target at its best validation epoch, so
 evaluation and allocation treat it like any other method's model.
+
+Under DDP each process holds a shard of every batch. The Target's step is reduced by
+Lightning's DDP; the look-ahead steps, the CG products, the hypergradient and the losses that
+judge a Bridge step are averaged over the processes here (:mod:`bidfcl.distributed`), so
+every process takes the step one process would take on the whole batch (the explicit
+ablation averages the processes' own unrolled hypergradients instead).
 """
 
 from __future__ import annotations
@@ -61,6 +67,7 @@ from torch.nn import functional as F
 from bidfcl.contract import OBS, RCT_TRAIN, RCT_VAL, Dataset, LoggedData, Truth
 from bidfcl.datamodule import ObsRctDataModule
 from bidfcl.decision import DecisionLoss
+from bidfcl.distributed import mean_over_processes
 from bidfcl.learner import UpliftLearner, fit_learner
 from bidfcl.losses import factual_mse
 from bidfcl.model import UpliftModel
@@ -126,6 +133,7 @@ def implicit_hypergradient(
     tol: float,
     damping: float,
     curvature_loss: UpperLoss | None = None,
+    average: Callable[[torch.Tensor], torch.Tensor] = lambda tensor: tensor,
 ) -> tuple[list[torch.Tensor], CGResult]:
     """d L_upper(theta*(phi)) / d phi by the implicit function theorem, at theta ~ theta*.
 
@@ -136,9 +144,15 @@ def implicit_hypergradient(
     ``CGResult.iterations == 0`` (or a non-finite solution) falls back to
     v = grad_theta L_upper / damping. L_upper must not depend on phi directly (true here:
     the RCT loss sees phi only through theta*).
+
+    ``average`` makes the solve global when each process holds a shard of both losses'
+    rows (:func:`~bidfcl.distributed.mean_over_processes`): it averages the upper gradient,
+    every curvature product and the hypergradient, so every process runs the same CG on the
+    mean of the shards' losses and takes the same step.
     """
     theta = theta.detach().requires_grad_(True)
     (upper_grad,) = torch.autograd.grad(upper_loss(theta), theta)
+    upper_grad = average(upper_grad)
     (lower_grad,) = torch.autograd.grad(lower_loss(theta, phi), theta, create_graph=True)
     curvature_grad = lower_grad
     if curvature_loss is not None:
@@ -146,7 +160,7 @@ def implicit_hypergradient(
 
     def damped_hvp(vector: torch.Tensor) -> torch.Tensor:
         (hvp,) = torch.autograd.grad(curvature_grad, theta, vector, retain_graph=True)
-        return hvp + damping * vector
+        return average(hvp) + damping * vector
 
     cg = conjugate_gradient(damped_hvp, upper_grad, n_cg, tol)
     solution = cg.solution.detach()
@@ -155,7 +169,7 @@ def implicit_hypergradient(
         # Hessian is indefinite where residuals are large): fall back to H ~ damping I.
         solution = upper_grad / damping if damping > 0 else upper_grad
     mixed = torch.autograd.grad(lower_grad.dot(solution), phi)
-    return [-g for g in mixed], cg
+    return [-average(g) for g in mixed], cg
 
 
 def unrolled_hypergradient(
@@ -313,6 +327,7 @@ class BilevelLearner(UpliftLearner):
         Target step on every OBS batch; batch_idx counts OBS batches within the epoch."""
         target_opt, bridge_opt = self.optimizers()
         context = self.last_context = self._context(batch["obs"], batch["rct"])
+        self.epoch_rows += context.batch.n_rows + context.rct.n_rows
         warm = self.current_epoch < self.config.bridge_warmup_epochs
         learned = self.config.fixed_gate is None
         if learned and not warm and batch_idx % self.config.bilevel_k == 0:
@@ -350,7 +365,7 @@ class BilevelLearner(UpliftLearner):
         bridge_opt.step()
         with torch.no_grad():
             after = upper_loss(self._lookahead(ctx, theta_0, self.config.bilevel_k))
-        self.helpful_steps += int(float(after) < before)
+        self.helpful_steps += int(float(mean_over_processes(after)) < before)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """The learner's state plus the bi-level counters (the Teacher, anchor, Bridge and
@@ -482,14 +497,15 @@ class BilevelLearner(UpliftLearner):
         return lower
 
     def _lookahead(self, ctx: ObsContext, theta: torch.Tensor, steps: int) -> torch.Tensor:
-        """``steps`` SGD steps of the lower loss from ``theta`` at the current gates."""
+        """``steps`` SGD steps of the lower loss from ``theta`` at the current gates (on the
+        mean of the processes' shards, so every process looks ahead to the same theta)."""
         lower = self._lower(ctx)
         phi = [p.detach() for p in self.bridge.parameters()]
         with torch.enable_grad():
             for _ in range(steps):
                 theta = theta.detach().requires_grad_(True)
                 (step,) = torch.autograd.grad(lower(theta, phi), theta)
-                theta = theta - self.config.lookahead_lr * step
+                theta = theta - self.config.lookahead_lr * mean_over_processes(step)
         return theta.detach()
 
     def _hypergradient(
@@ -505,10 +521,11 @@ class BilevelLearner(UpliftLearner):
         self.hyper_steps += 1
         if explicit:
             with torch.no_grad():
-                before = float(upper(self._lookahead(ctx, theta, 1)))
-            return unrolled_hypergradient(lower, upper, theta, phi, cfg.lookahead_lr), before
+                before = float(mean_over_processes(upper(self._lookahead(ctx, theta, 1))))
+            grads = unrolled_hypergradient(lower, upper, theta, phi, cfg.lookahead_lr)
+            return [mean_over_processes(g) for g in grads], before
         with torch.no_grad():
-            before = float(upper(theta))
+            before = float(mean_over_processes(upper(theta)))
 
         curvature_ctx = ctx.head(cfg.curvature_fraction)
         with torch.no_grad():
@@ -531,6 +548,7 @@ class BilevelLearner(UpliftLearner):
             cfg.cg_tol,
             cfg.cg_damping,
             curvature,
+            mean_over_processes,
         )
         self.cg_iterations += cg.iterations
         self.log_dict(

@@ -270,6 +270,16 @@ def train(
     seed: Annotated[
         int | None, typer.Option(help="Random seed [default: train.seed of the parameters].")
     ] = None,
+    devices: Annotated[
+        int | None,
+        typer.Option(
+            help="Processes (devices) per node; more than one in all trains under DDP "
+            "[default: train.devices of the parameters]."
+        ),
+    ] = None,
+    num_nodes: Annotated[
+        int | None, typer.Option(help="Nodes [default: train.num_nodes of the parameters].")
+    ] = None,
     params: Annotated[
         Path | None,
         typer.Option(
@@ -279,11 +289,19 @@ def train(
         ),
     ] = None,
 ) -> None:
-    """Train an uplift model with the configured learner and save it to --out."""
+    """Train an uplift model with the configured learner and save it to --out (README:
+    several GPUs or nodes)."""
+    from bidfcl.distributed import is_main_process
     from bidfcl.methods import train_to_folder
     from bidfcl.params import PARAMS_FILE, load_params, parse_params
 
-    overrides = {"train.method": method, "train.budget": budget, "train.seed": seed}
+    overrides = {
+        "train.method": method,
+        "train.budget": budget,
+        "train.seed": seed,
+        "train.devices": devices,
+        "train.num_nodes": num_nodes,
+    }
     if params is None and not Path(PARAMS_FILE).exists():
         typer.echo(f"no {PARAMS_FILE} here: training with the library defaults", err=True)
         settings = parse_params({}, overrides)
@@ -291,7 +309,8 @@ def train(
         settings = load_params(params or PARAMS_FILE, overrides)
     config = settings.train.config
     path = train_to_folder(data_dir, out, config, progress=True)
-    typer.echo(f"trained {config.method} model saved to {path}")
+    if is_main_process():  # under DDP every process runs this command; one saved the model
+        typer.echo(f"trained {config.method} model saved to {path}")
 
 
 @app.command()
@@ -386,12 +405,17 @@ def allocate(
         float, typer.Option(help="Mean cost per user to spend.", callback=_budget_option)
     ],
     out: Annotated[Path, typer.Option(help="Parquet file of user_id, treatment.")],
-    chunk_rows: Annotated[int, typer.Option(help="Rows read per chunk.")] = 1_000_000,
+    chunk_rows: Annotated[
+        int, typer.Option(min=1, help="Rows read, predicted and written per chunk.")
+    ] = 1_000_000,
     params: Annotated[
         Path, typer.Option(help="Parameters file (promote: section locates the registry).")
     ] = Path("params.yaml"),
 ) -> None:
-    """Choose one treatment per user under the budget (the model's deployed allocation)."""
+    """Choose one treatment per user under the budget (the model's deployed allocation).
+
+    The table streams through in chunks: memory holds the (N, M) float32 predictions, not the
+    features; the output file appears only once complete."""
     from bidfcl.scoring import allocate_file
 
     with _local_model(model, params) as model_dir:
@@ -509,6 +533,19 @@ def stage_promote(root: RootOption = Path("."), params: ParamsOption = Path("par
         f"{promotion['decision']}: {promotion['reason']}; champion is version "
         f"{promotion['champion_version']}"
     )
+
+
+@stage_app.command("push")
+def stage_push(
+    root: RootOption = Path("."),
+    remote: Annotated[str | None, typer.Option(help="DVC remote [default: core.remote].")] = None,
+) -> None:
+    """Upload the versioned data and models (every output DVC caches) to the DVC remote; not a
+    dvc.yaml stage (it reproduces nothing); the flow runs it last."""
+    from bidfcl.stages import push
+
+    pushed = push(root, remote)
+    typer.echo(f"DVC remote {pushed['remote']}: {pushed['pushed']} file(s) pushed")
 
 
 FLOWS_DIR = "flows"

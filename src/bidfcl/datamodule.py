@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Sampler
 from torch.utils.data import Dataset as TorchDataset
 
 from bidfcl.contract import LoggedData
+from bidfcl.distributed import rank_shard
 
 
 class IndexedRows(TorchDataset[LoggedData]):
@@ -38,7 +39,10 @@ class ShuffledBatches(Sampler[torch.Tensor]):
 
     Near-equal chunks (instead of full batches plus a remainder) keep every batch large
     enough for the per-arm losses to see all arms. The generator is private and seeded, so
-    the order depends only on the seed and the epoch.
+    the order depends only on the seed and the epoch. Under DDP every process draws the same
+    order and takes its own shard of each batch (:func:`~bidfcl.distributed.rank_shard`), so
+    the processes together step on the batches one process would (Lightning's distributed
+    sampler, which hands out whole batches, is off).
     """
 
     def __init__(self, n_rows: int, batch_size: int, seed: int) -> None:
@@ -51,7 +55,8 @@ class ShuffledBatches(Sampler[torch.Tensor]):
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         order = torch.randperm(self.n_rows, generator=self.generator)
-        yield from order.tensor_split(self.n_batches)
+        for batch in order.tensor_split(self.n_batches):
+            yield rank_shard(batch)
 
 
 class UpliftDataModule(L.LightningDataModule):

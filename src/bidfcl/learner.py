@@ -42,11 +42,13 @@ import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins import TorchCheckpointIO
+from lightning.pytorch.strategies import DDPStrategy, Strategy
 
 from bidfcl.allocation import solve_mckp
 from bidfcl.contract import Dataset, LoggedData, Truth
 from bidfcl.datamodule import ShuffledBatches
 from bidfcl.decision import DecisionLoss
+from bidfcl.distributed import gather_shards, rank_shard, spread_over_processes
 from bidfcl.evaluation import expected_outcome_metric
 from bidfcl.io import atomic_write
 from bidfcl.losses import factual_mse
@@ -188,6 +190,8 @@ class UpliftLearner(L.LightningModule):
         self.best_score = -math.inf if self.maximize else math.inf
         self.best_epoch = -1
         self.best_state: dict[str, torch.Tensor] | None = None
+        self.epoch_rows = 0  # training rows this process saw in the current epoch
+        self.distributed: dict[str, Any] = {}
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(
@@ -195,9 +199,12 @@ class UpliftLearner(L.LightningModule):
         )
 
     def on_train_epoch_start(self) -> None:
+        self.epoch_rows = 0
         if self.decision_x is None:
             return
-        revenue_hat, cost_hat = self.model.predict(self.decision_x)
+        # each process predicts its shard of the users; lambda* is solved on all of them
+        shard = rank_shard(self.decision_x)
+        revenue_hat, cost_hat = (gather_shards(p) for p in self.model.predict(shard))
         lam = solve_mckp(revenue_hat, cost_hat, self.budget).lam
         # lambda* is inf only if the predicted cheapest arms overspend; keep the last one.
         if math.isfinite(lam):
@@ -220,6 +227,7 @@ class UpliftLearner(L.LightningModule):
         return decision + self.config.alpha * mse, {"mse": mse, "decision": decision}
 
     def training_step(self, batch: LoggedData, batch_idx: int) -> torch.Tensor:
+        self.epoch_rows += batch.n_rows
         revenue_hat, cost_hat = self.model.forward(batch.x)
         loss, parts = self.objective(revenue_hat, cost_hat, batch)
         metrics = {f"train_{name}": value for name, value in parts.items()}
@@ -251,6 +259,18 @@ class UpliftLearner(L.LightningModule):
             self.log(name, value, prog_bar=name == "val_eom", batch_size=batch.n_rows)
         if not self.trainer.sanity_checking:
             self._record(metrics)
+
+    def on_train_end(self) -> None:
+        """Describe how the fit was spread: the processes, the rows each trained on in the
+        last epoch, and the largest difference of any weight between processes (0 when
+        they stayed in step, as DDP must keep them)."""
+        rows = gather_shards(torch.tensor([self.epoch_rows], device=self.device))
+        weights = torch.cat([p.detach().reshape(-1) for p in self.parameters()])
+        self.distributed = {
+            "processes": rows.numel(),
+            "rows_last_epoch": rows.tolist(),
+            "weight_spread": spread_over_processes(weights),
+        }
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep what Lightning does not: the best epoch's weights (held in memory), the
@@ -307,7 +327,7 @@ def fit_learner(
         resume = last if last.exists() else None
     started = time.perf_counter()
     with quiet_lightning():
-        make_trainer(config, progress).fit(
+        make_trainer(config, progress, manual_optimization=not learner.automatic_optimization).fit(
             learner, datamodule=data, ckpt_path=resume, weights_only=True
         )
     seconds = time.perf_counter() - started
@@ -332,6 +352,7 @@ def fit_learner(
         "seconds_per_epoch": seconds / max(1, epochs_run),
         "training_tables": list(training_tables),
         "n_train_rows": n_train_rows,
+        "distributed": learner.distributed,
         "train_config": config.to_dict(),
         "dataset": dataset.meta.to_dict(),
         "dataset_path": str(dataset.path) if dataset.path is not None else None,
@@ -339,9 +360,12 @@ def fit_learner(
     return model
 
 
-def make_trainer(config: TrainConfig, progress: bool) -> L.Trainer:
+def make_trainer(
+    config: TrainConfig, progress: bool, manual_optimization: bool = False
+) -> L.Trainer:
     """The Trainer every learner fits with: early stopping on ``select_by``, the epoch
-    observer if one is set, and with ``checkpoint_dir`` a checkpoint after every epoch."""
+    observer if one is set, with ``checkpoint_dir`` a checkpoint after every epoch, and
+    :func:`training_strategy`'s strategy."""
     logger = CSVLogger(config.log_dir, name=config.method) if config.log_dir else False
     monitor, maximize = SELECT_BY[config.select_by]
     use_cuda = torch.cuda.is_available() and config.accelerator in ("auto", "gpu", "cuda")
@@ -369,7 +393,11 @@ def make_trainer(config: TrainConfig, progress: bool) -> L.Trainer:
         plugins.append(AtomicCheckpointIO())
     return L.Trainer(
         accelerator=config.accelerator,
-        devices=1,
+        devices=config.devices,
+        num_nodes=config.num_nodes,
+        strategy=training_strategy(config, manual_optimization),
+        # the samplers shard each batch over the processes themselves (ShuffledBatches)
+        use_distributed_sampler=False,
         max_epochs=config.max_epochs,
         deterministic=deterministic,
         callbacks=callbacks,
@@ -381,6 +409,19 @@ def make_trainer(config: TrainConfig, progress: bool) -> L.Trainer:
         num_sanity_val_steps=0,
         fast_dev_run=config.fast_dev_run,
     )
+
+
+def training_strategy(config: TrainConfig, manual_optimization: bool) -> Strategy | str:
+    """Lightning's DDP when the fit runs in more than one process or ``strategy: ddp`` asks
+    for it, else Lightning's choice for one device.
+
+    A manually optimised learner (the bi-level one) backpropagates its Target loss into the
+    Target alone, so DDP must expect the Bridge's parameters to go without gradients there
+    (``find_unused_parameters``); the Bridge's own steps are reduced by the learner.
+    """
+    if config.strategy == "auto" and config.devices * config.num_nodes == 1:
+        return "auto"
+    return DDPStrategy(find_unused_parameters=manual_optimization)
 
 
 @contextlib.contextmanager
@@ -397,6 +438,8 @@ def quiet_lightning() -> Iterator[None]:
             warnings.filterwarnings("ignore", message=".*treespec.*deprecated.*")
             warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
             warnings.filterwarnings("ignore", message=".*exists and is not empty.*")  # resuming
+            # under DDP every process scores the whole of rct_val: nothing to reduce
+            warnings.filterwarnings("ignore", message=".*sync_dist=True.*")
             yield
     finally:
         for name, level in levels.items():

@@ -62,10 +62,12 @@ from bidfcl.decision import (
     ppl_decision,
 )
 from bidfcl.deployment import DEPLOYMENT_KEY, calibrate
+from bidfcl.distributed import is_main_process
 from bidfcl.io import atomic_write
 from bidfcl.learner import CHECKPOINT_FILE, UpliftLearner, fit_learner, scoped_torch_settings
 from bidfcl.model import UpliftModel
 from bidfcl.propensity import ips_weights
+from bidfcl.streaming import fit_streaming, streamed_obs_key, streams_obs
 from bidfcl.train_config import SELECT_BY, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -87,7 +89,9 @@ def fit_single_level(
     progress: bool,
 ) -> UpliftModel:
     """One Lightning fit of one method on its source tables, from ``start_from`` (copied)
-    or a fresh network."""
+    or a fresh network (OBS streamed from the folder when it was left unloaded)."""
+    if OBS in spec.sources and OBS not in dataset.tables:
+        return fit_streaming(spec.sources, dataset, config, budget, start_from, progress)
     L.seed_everything(config.seed, workers=True, verbose=False)
     train_rows = _training_rows(dataset, spec, config)
     if start_from is None:
@@ -207,6 +211,18 @@ METHOD_SPECS: dict[str, MethodSpec] = {
     ),
 }
 METHODS: tuple[str, ...] = tuple(METHOD_SPECS)
+STREAMING_METHODS: tuple[str, ...] = tuple(
+    name
+    for name, spec in METHOD_SPECS.items()
+    if all(
+        OBS not in METHOD_SPECS[phase].sources
+        or (METHOD_SPECS[phase].fit is fit_single_level and not METHOD_SPECS[phase].ips_weighted)
+        for phase in filter(None, (name, spec.warm_start, spec.teacher))
+    )
+)
+"""Methods that train with OBS streamed (``stream_obs_above_mb``): every phase reads OBS by
+single-level batches or not at all. Bi-level fits pair OBS with RCT batches and tsm-ips fits
+its propensity model on all of OBS, both in memory."""
 
 
 def method_spec(method: str) -> MethodSpec:
@@ -256,9 +272,13 @@ def train_model(
 def train_to_folder(
     data_dir: Path | str, out_dir: Path | str, config: TrainConfig, progress: bool = True
 ) -> Path:
-    """Load a dataset folder, train ``config.method`` and save the model folder atomically."""
-    dataset = load_dataset(data_dir, tables=(OBS, RCT_TRAIN, RCT_VAL))
-    return train_model(dataset, config, progress).save(out_dir)
+    """Load a dataset folder, train ``config.method`` and save the model folder atomically
+    (under DDP, from the first process only: every process ends with the same model)."""
+    streamed = streams_obs(data_dir, config, STREAMING_METHODS)  # OBS too large to load
+    tables = (RCT_TRAIN, RCT_VAL) if streamed else (OBS, RCT_TRAIN, RCT_VAL)
+    dataset = load_dataset(data_dir, tables=tables)
+    model = train_model(dataset, config, progress)
+    return model.save(out_dir) if is_main_process() else Path(out_dir)
 
 
 def _fit_phase(
@@ -335,6 +355,7 @@ def _dataset_key(dataset: Dataset) -> str:
     for name in sorted(frames):
         digest.update(json.dumps([name, *map(str, frames[name].columns)]).encode())
         digest.update(pd.util.hash_pandas_object(frames[name], index=False).to_numpy().tobytes())
+    digest.update(streamed_obs_key(dataset).encode())  # OBS left on disk: its file
     return digest.hexdigest()
 
 

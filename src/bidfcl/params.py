@@ -101,7 +101,8 @@ class EvaluateParams:
 @dataclass(frozen=True)
 class TrackingParams:
     """``tracking:`` — the MLflow store every training run and the registry live in
-    (``uri`` relative to the project root; ``MLFLOW_TRACKING_URI`` overrides it) and the
+    (``uri``: a sqlite path relative to the project root, or an ``http(s)://`` tracking server
+    or ``postgresql://`` database used as it is; ``MLFLOW_TRACKING_URI`` overrides it) and the
     experiment the runs are grouped under. Where runs are logged changes no result, so no
     stage lists this section as a DVC param."""
 

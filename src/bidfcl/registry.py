@@ -1,8 +1,9 @@
 """MLflow I/O: log training runs, register challengers, keep the gate's bookkeeping (aliases
 and decision tags), and resolve ``models:/NAME@alias`` to a local model folder.
 
-Tracking and registry default to a sqlite file in the project root (``promote.tracking_uri``);
-``MLFLOW_TRACKING_URI`` points both elsewhere (e.g. a server on PostgreSQL). Models are logged
+Tracking and registry default to a sqlite file in the project root (``tracking.uri``); an
+``http(s)://`` tracking server (e.g. one on PostgreSQL) or a ``postgresql://`` database in
+``tracking.uri``, or ``MLFLOW_TRACKING_URI``, points both elsewhere. Models are logged
 as an MLflow pyfunc that wraps the saved :class:`~bidfcl.model.UpliftModel` folder, so the
 registry holds exactly the files ``bidfcl allocate`` reads. Aliases, not the deprecated stages,
 mark ``challenger`` and ``champion``. The pickled pyfunc names :class:`UpliftPyfunc` by this
@@ -79,8 +80,8 @@ def store_root(root: Path) -> Path:
 
 
 def tracking_uri(root: Path, uri: str) -> str:
-    """``MLFLOW_TRACKING_URI`` if set, else ``uri`` with a relative sqlite path anchored at
-    :func:`store_root`."""
+    """``MLFLOW_TRACKING_URI`` if set, else ``uri``: a relative sqlite path is anchored at
+    :func:`store_root`, any other URI (a server, a PostgreSQL database) is used as it is."""
     uri = os.environ.get(TRACKING_ENV) or uri
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not Path(uri[len(prefix) :]).is_absolute():
@@ -117,9 +118,11 @@ def tracking(root: Path, uri: str, experiment: str) -> Iterator[MlflowClient]:
     mlflow.set_registry_uri(resolved)
     try:
         if mlflow.get_experiment_by_name(experiment) is None:
+            # A server stores artifacts where it is told to; a database opened directly
+            # would put them in ./mlruns of whatever folder the command runs in.
             local = (store_root(root) / "mlruns").resolve().as_uri()
             mlflow.create_experiment(
-                experiment, artifact_location=local if resolved.startswith("sqlite") else None
+                experiment, artifact_location=local if _is_database(resolved) else None
             )
         mlflow.set_experiment(experiment)
         yield MlflowClient(resolved, resolved)
@@ -131,6 +134,12 @@ def tracking(root: Path, uri: str, experiment: str) -> Iterator[MlflowClient]:
         mlflow.set_registry_uri(previous[1])
         _put_back_env(TRACKING_ENV, previous_env)
         _put_back_env(QUIET_LINKS_ENV, previous_links)
+
+
+def _is_database(uri: str) -> bool:
+    """Whether MLflow opens ``uri`` as a SQLAlchemy database itself (no tracking server)."""
+    scheme = uri.partition(":")[0].partition("+")[0]
+    return scheme in ("sqlite", "postgresql", "mysql", "mssql")
 
 
 def _put_back_env(name: str, value: str | None) -> None:

@@ -336,53 +336,85 @@ def allocate_file(
 ) -> AllocationResult:
     """Allocate ``budget`` (mean cost per user) over every user of a parquet table.
 
-    Features are read ``chunk_rows`` at a time, so only the (N, M) predictions of the whole
-    table are held in memory (about 40 bytes per user for M = 5); the model's deployed
-    allocation (its calibrated lambda for this budget, else the exact MCKP on predicted
-    costs) then picks one arm per user, written atomically as ``user_id, treatment``.
-    The table is refused, before anything is written, unless every user has exactly one
-    row with an integer id and finite values of every feature the model reads.
+    Memory is bounded by the predictions, never the feature table: features are read
+    ``chunk_rows`` rows at a time (pyarrow record batches), each batch is checked and
+    predicted, and only its float32 revenue and cost are kept, in (N, M) arrays allocated
+    once. That is 8 M + 16 bytes per user with the ids and the chosen arms, plus one batch
+    of features and the solver's scratch (a few (N,) vectors).
+    The model's deployed allocation is then solved once over all users, exactly as for an
+    in-memory table, and ``user_id, treatment`` is written ``chunk_rows`` at a time into a
+    temporary file renamed into place when complete. The table is refused, before anything
+    is written, unless every row has a unique integer id and finite values of every feature
+    the model reads: a missing feature is not guessed.
     """
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
     budget = check_budget(budget)
     model = UpliftModel.load(model_dir)
     file = str(users)
-    columns = parquet_columns(Path(users))
-    check_column_names(columns, file)
-    if USER_ID not in columns:
-        raise DataContractError.broken(file, "required_columns", f"missing {[USER_ID]}", USER_ID)
-    # columns are selected by name, so only missing features matter, not their order
-    missing = [c for c in model.feature_columns if c not in columns]
-    if missing:
-        detail = f"missing from the data: {missing}; the model reads {model.feature_columns}"
-        raise FeatureMismatchError(rule_message(file, "model_features", detail, missing[0]))
-    user_ids, revenue, cost = [], [], []
-    with pq.ParquetFile(users) as source:
-        if source.metadata.num_rows == 0:
+    _check_user_columns(Path(users), model.feature_columns, file)
+    ids, revenue, cost = _predict_batches(Path(users), model, file, chunk_rows)
+    # Arrow's allocator keeps freed batch memory for reuse; the solver needs it more.
+    pa.default_memory_pool().release_unused()
+    _check_unique_ids(ids, file)
+    result = deploy(model, revenue, cost, budget)
+    arms = result.treatment.cpu().numpy()
+    atomic_write(Path(out), lambda tmp: _write_allocation(tmp, ids, arms, chunk_rows))
+    return result
+
+
+def _predict_batches(
+    path: Path, model: UpliftModel, file: str, chunk_rows: int
+) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
+    """Every row's user id and predicted (revenue, cost), one checked record batch at a time.
+    A function of its own so that the reader and the last batch, with their Arrow buffers,
+    are freed on return, before the solver needs the memory."""
+    with pq.ParquetFile(path) as source:
+        n_users = source.metadata.num_rows
+        if n_users == 0:
             raise DataContractError.broken(file, "non_empty_table", "the table has no rows")
+        ids = np.empty(n_users, dtype=np.int64)
+        revenue = torch.empty(n_users, model.n_treatments)
+        cost = torch.empty(n_users, model.n_treatments)
+        start = 0
         for batch in source.iter_batches(
             batch_size=chunk_rows, columns=[USER_ID, *model.feature_columns]
         ):
             frame = batch.to_pandas()
             check_user_ids(frame[USER_ID], file)
             check_features(frame, model.feature_columns, file)
-            features = frame[model.feature_columns].to_numpy(np.float32)
-            rev, cst = model.predict(torch.from_numpy(np.array(features, copy=True)))
-            user_ids.append(frame[USER_ID].to_numpy(np.int64))
-            revenue.append(rev)
-            cost.append(cst)
-    ids = np.concatenate(user_ids)
-    check_user_ids(pd.Series(ids), file)  # one row per user across chunks too
-    result = deploy(model, torch.cat(revenue), torch.cat(cost), budget)
-    arms = result.treatment.cpu().numpy()
+            stop = start + len(frame)
+            ids[start:stop] = frame[USER_ID].to_numpy(np.int64)
+            features = np.require(frame[model.feature_columns].to_numpy(np.float32), None, "CW")
+            revenue[start:stop], cost[start:stop] = model.predict(torch.from_numpy(features))
+            start = stop
+    return ids, revenue, cost
 
-    def write(tmp: Path) -> None:
-        schema = pa.schema([(USER_ID, pa.int64()), (TREATMENT, pa.int64())])
-        with pq.ParquetWriter(tmp, schema) as writer:
-            for start in range(0, len(ids), chunk_rows):
-                stop = start + chunk_rows
-                writer.write_table(
-                    pa.table({USER_ID: ids[start:stop], TREATMENT: arms[start:stop]}, schema)
-                )
 
-    atomic_write(Path(out), write)
-    return result
+def _check_user_columns(path: Path, features: list[str], file: str) -> None:
+    """From the footer alone: unique column names, a user_id and every feature the model
+    reads (picked by name, so their order does not matter)."""
+    columns = parquet_columns(path)
+    check_column_names(columns, file)
+    if USER_ID not in columns:
+        raise DataContractError.broken(file, "required_columns", f"missing {[USER_ID]}", USER_ID)
+    missing = [c for c in features if c not in columns]
+    if missing:
+        detail = f"missing from the data: {missing}; the model reads {features}"
+        raise FeatureMismatchError(rule_message(file, "model_features", detail, missing[0]))
+
+
+def _check_unique_ids(ids: np.ndarray, file: str) -> None:
+    """One row per user across batches: a sorted copy finds repeats without a hash table;
+    only a table that has some pays for the message naming them."""
+    ordered = np.sort(ids)
+    if (ordered[1:] == ordered[:-1]).any():
+        check_user_ids(pd.Series(ids), file)
+
+
+def _write_allocation(path: Path, ids: np.ndarray, arms: np.ndarray, chunk_rows: int) -> None:
+    schema = pa.schema([(USER_ID, pa.int64()), (TREATMENT, pa.int64())])
+    with pq.ParquetWriter(path, schema) as writer:
+        for start in range(0, len(ids), chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            writer.write_table(pa.table({USER_ID: ids[rows], TREATMENT: arms[rows]}, schema))

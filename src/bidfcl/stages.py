@@ -24,6 +24,9 @@ Data layout and versioning (see ``dvc.yaml`` and ``data.dvc``):
   candidate), ``results/budget_value.json`` (every curve, the data of dvc.yaml's plot) and
   ``results/plots/budget_value.png``; ``promote`` logs the runs to MLflow, applies the gate
   and writes ``results/promotion.json``.
+- ``push`` uploads what DVC caches (``data/raw``, ``models/``) to the DVC remote at the end of
+  a flow run. It is no dvc.yaml stage: it reproduces nothing, it copies what the stages
+  recorded. The results DVC does not cache (``results/``) travel with git.
 """
 
 from __future__ import annotations
@@ -634,6 +637,35 @@ def _dvc_repo(root: Path) -> Iterator[Any]:
 
     with chdir(root), Repo(".") as repo:
         yield repo
+
+
+class PushFailed(RuntimeError):
+    """DVC could not upload the run's artifacts; they stay in the workspace and dvc.lock."""
+
+
+def push(root: Path, remote: str | None = None) -> dict[str, Any]:
+    """Upload every output DVC caches (the versioned data, the models) to ``remote`` (None:
+    the default remote of ``.dvc/config``, overridable in ``.dvc/config.local``), so a fresh
+    clone gets them with ``dvc pull``. Returns the remote's name and how many files went up
+    (0 when the remote already held them all).
+
+    Not a dvc.yaml stage: pushing reproduces nothing. A failure raises :class:`PushFailed`
+    and leaves the workspace, the cache, dvc.lock and the registry as they were, so the run's
+    results stand and the push can be repeated (``bidfcl stage push``).
+    """
+    from dvc.exceptions import DvcException
+
+    name = remote
+    try:
+        with _dvc_repo(root) as repo:
+            name = remote or repo.config["core"].get("remote")
+            return {"remote": name, "pushed": repo.push(remote=remote)}
+    except (DvcException, OSError) as error:  # OSError: a local remote's folder
+        raise PushFailed(
+            f"dvc push to remote {name or '(none configured)'} failed: {error}; the run's "
+            "results are in place (dvc.lock, data/raw, models/, results/, the registry): "
+            "push them with `bidfcl stage push` once the remote is reachable"
+        ) from error
 
 
 def record_stage(root: Path, stage: str) -> None:

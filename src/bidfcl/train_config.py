@@ -22,6 +22,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "bridge": ("labels", "gate", "ipw"),
     "hypergradient": ("implicit", "explicit"),
     "curvature": ("gauss_newton", "hessian"),
+    # "ddp": Lightning's DDP, one process per device (launched by Lightning itself, or by
+    # torchrun / SLURM, which it detects); spawn-style launchers lose the learner's state
+    "strategy": ("auto", "ddp"),
 }
 
 
@@ -74,12 +77,16 @@ class TrainConfig:
     curvature_fraction: float = 0.5
     calibrate_spend: bool = True
     accelerator: str = "auto"
+    devices: int = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
     deterministic: bool = True
     num_workers: int = 0
     num_threads: int | None = None
     fast_dev_run: bool = False
     log_dir: str | None = None
     checkpoint_dir: str | None = None
+    stream_obs_above_mb: float | None = 4096.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "hidden", tuple(int(w) for w in self.hidden))
@@ -111,8 +118,20 @@ class TrainConfig:
             raise ValueError(f"budget must be >= 0 (mean cost per user), got {self.budget}")
         if not 0 < self.ips_clip <= 1:
             raise ValueError(f"ips_clip must lie in (0, 1], got {self.ips_clip}")
+        if self.devices < 1 or self.num_nodes < 1:
+            raise ValueError(
+                f"devices and num_nodes must be >= 1, got {self.devices} and {self.num_nodes}"
+            )
+        if self.devices * self.num_nodes > 1 and self.checkpoint_dir is not None:
+            raise ValueError(
+                "checkpoint_dir (resuming a crashed fit) works in one process only: with "
+                f"devices * num_nodes = {self.devices * self.num_nodes}, set it to null"
+            )
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be >= 1 or null, got {self.num_threads}")
+        if self.stream_obs_above_mb is not None and not self.stream_obs_above_mb >= 0:
+            limit = self.stream_obs_above_mb
+            raise ValueError(f"stream_obs_above_mb must be >= 0 or null, got {limit}")
         if self.alpha < 0 or self.weight_decay < 0 or self.num_workers < 0:
             raise ValueError("alpha, weight_decay and num_workers must be >= 0")
         nonnegative = (self.cg_damping, self.pseudo_label_weight, self.bridge_warmup_epochs)
