@@ -244,46 +244,6 @@ def test_sample_bracketed_path_matches_direct_solution(seed: int) -> None:
         assert bracketed.mean_revenue >= bracketed.lp_value - float(revenue.max() - revenue.min())
 
 
-def torch_path_solution(
-    monkeypatch: pytest.MonkeyPatch, revenue: torch.Tensor, cost: torch.Tensor, budget: float
-) -> AllocationResult:
-    """The exact solution by the torch code (direct or sample-bracketed), small-N path off."""
-    with monkeypatch.context() as patch:
-        patch.setattr(allocation, "_SMALL_PAIRS", 0)
-        return solve_mckp(revenue, cost, budget)
-
-
-@pytest.mark.parametrize("seed", range(24))
-def test_small_n_numpy_path_matches_the_torch_path(
-    seed: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    rng = np.random.default_rng(400 + seed)
-    n, m = int(rng.integers(1, 400)), int(rng.integers(2, 8))
-    integer = seed % 2 == 0
-    revenue, cost = random_instance(rng, n, m, integer=integer)
-    if seed % 3 == 0:
-        revenue, cost = revenue.float(), cost.float()
-    assert allocation._numpy_ready(revenue)
-    cheapest = float(cost.min(1).values.sum(dtype=torch.float64)) / n
-    unconstrained = solve_mckp(revenue, cost, float(cost.max()) + 1).mean_cost
-    # A budget at a continuous instance's cheapest (or unconstrained) total to the last bit
-    # is judged by float64 rounding in sums, which the two paths add up in different orders.
-    at_cheapest = cheapest if integer else cheapest * (1 + 1e-9)
-    budgets = (0.0, at_cheapest, budget_between_extremes(rng, cost), 1.01 * unconstrained + 1e-9)
-    for budget in budgets:
-        small = solve_mckp(revenue, cost, budget)
-        large = torch_path_solution(monkeypatch, revenue, cost, budget)
-        assert small.status == large.status
-        assert small.lam == large.lam
-        assert torch.equal(small.treatment, large.treatment)
-        assert small.mean_cost == pytest.approx(large.mean_cost, rel=1e-12, abs=1e-12)
-        assert small.mean_revenue == pytest.approx(large.mean_revenue, rel=1e-12, abs=1e-12)
-        if large.lp_value is None:
-            assert small.lp_value is None
-        else:
-            assert small.lp_value == pytest.approx(large.lp_value, rel=1e-12, abs=1e-12)
-
-
 @pytest.mark.parametrize("method", ["exact", "bisection"])
 def test_small_cpu_inputs_are_solved_on_one_thread_and_threads_are_restored(
     method: str, monkeypatch: pytest.MonkeyPatch
@@ -317,9 +277,9 @@ def test_blocked_lagrangian_passes_change_nothing(
     rng = np.random.default_rng(600)
     revenue, cost = random_instance(rng, 6000, 5, integer=True)
     budget = binding_budget(revenue, cost, fraction)
-    whole = torch_path_solution(monkeypatch, revenue, cost, budget)
+    whole = solve_mckp(revenue, cost, budget)
     monkeypatch.setattr(allocation, "_PASS_BLOCK", 97)
-    blocked = torch_path_solution(monkeypatch, revenue, cost, budget)
+    blocked = solve_mckp(revenue, cost, budget)
     assert blocked.status == whole.status
     assert blocked.lam == whole.lam
     assert torch.equal(blocked.treatment, whole.treatment)

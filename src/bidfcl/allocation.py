@@ -12,8 +12,7 @@ spends ``cost[i, j]``; the mean cost per user may not exceed ``budget``. Two sol
   every user whose arm is the same at both ends of the bracket, and only the few users left
   (those with a hull step inside the bracket) go through the hulls. The greedy itself needs
   no full sort: steps are bucketed by efficiency, bucket totals locate the binding bucket
-  and only that bucket's few steps are sorted. Inputs small enough to be solved directly
-  take the same greedy in numpy on the CPU, where fixed per-operation cost dominates.
+  and only that bucket's few steps are sorted.
 - ``"bisection"`` is the paper's Lagrangian bisection on lambda: the smallest lambda whose
   policy fits the budget.
 
@@ -31,7 +30,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Literal
 
-import numpy as np
 import torch
 
 STATUS_OK = "ok"
@@ -45,10 +43,7 @@ _BUCKETS = 4096  # efficiency buckets of the LP greedy's selection
 _MIN_SAMPLE = 1024  # smallest sample worth bracketing lambda* with
 _HULL_BLOCK = 8192  # users per block of the pairwise hull computation
 _PASS_BLOCK = 1 << 20  # users per block of a Lagrangian pass over all users
-_SMALL_PAIRS = 1 << 21  # N * M^2 up to which directly solved CPU inputs take numpy
 _ONE_THREAD_SCORES = 1 << 20  # N * M up to which CPU inputs are solved on one thread
-_PROBES = 64  # efficiency boundaries the numpy greedy bisects over
-_NUMPY_DTYPES = (torch.float32, torch.float64)
 
 
 @dataclass(frozen=True)
@@ -96,14 +91,13 @@ def solve_mckp(
     most users sampled to bracket lambda* in the exact method; it samples about 2 N^(2/3),
     at least 1024, and solves inputs under four times that directly) and ``seed``. Sums are
     accumulated in float64, so the budget holds up to float64 rounding. CPU inputs with
-    N * M up to 2^20 are solved with one torch thread (restored afterwards); float32 and
-    float64 ones solved directly with N * M^2 up to 2^21 go through numpy.
+    N * M up to 2^20 are solved with one torch thread (restored afterwards).
 
     Tie rule of the exact method: hull steps are taken by decreasing efficiency, equal
     efficiencies in order of (step along the user's hull, user index), until the first step
-    that does not fit. The direct and numpy paths follow it exactly (their answers differ only
-    by float64 rounding in sums); the bracketed path follows it for the users left undecided
-    by the bracket, so where many steps tie at lambda* it may pick other tied users.
+    that does not fit. The direct path follows it exactly; the bracketed path follows it for
+    the users the bracket leaves undecided, so where many steps tie at lambda* it may pick
+    other tied users.
 
     At lambda* several arms tie; bisection returns the policy at a lambda just above it,
     which sends the tied users to their cheaper arm, so its revenue can be slightly below
@@ -125,8 +119,6 @@ def solve_mckp(
         sample_size = min(sample_size, max(_MIN_SAMPLE, round(2 * n_users ** (2 / 3))))
         if n_users > 4 * sample_size:
             return _solve_exact_bracketed(revenue, cost, total_budget, sample_size, seed)
-        if _numpy_ready(revenue):
-            return _solve_exact_small(revenue, cost, total_budget)
         return _solve_exact_direct(revenue, cost, total_budget)
 
 
@@ -432,144 +424,6 @@ def _result(
         lp_value=solution.lp_revenue / n,
         status=solution.status,
     )
-
-
-def _numpy_ready(revenue: torch.Tensor) -> bool:
-    """Whether the numpy greedy can take these (directly solved) inputs."""
-    n_users, n_arms = revenue.shape
-    return (
-        revenue.device.type == "cpu"
-        and revenue.dtype in _NUMPY_DTYPES
-        and n_users * n_arms * n_arms <= _SMALL_PAIRS
-    )
-
-
-def _solve_exact_small(
-    revenue: torch.Tensor, cost: torch.Tensor, total_budget: float
-) -> AllocationResult:
-    """The direct greedy (:func:`_greedy_plan`, then one cut) over all users, in numpy.
-
-    Same steps, same float64 increments and tie rule as the torch code, on arm-major (M, N)
-    arrays so that every numpy loop runs along users; for a few thousand users it saves
-    a third of the torch code's time, which is all per-operation overhead.
-    """
-    r, c = revenue.detach().numpy(), cost.detach().numpy()
-    n_users, n_arms = r.shape
-    users = np.arange(n_users)
-    successor, successor_slope = _hull_successors_numpy(r, c)
-    successor, successor_slope = successor.reshape(-1), successor_slope.astype(np.float64).ravel()
-    r64, c64 = r.T.astype(np.float64).ravel(), c.T.astype(np.float64).ravel()
-    current = np.where(c == c.min(axis=1, keepdims=True), r, -np.inf).argmax(axis=1)
-    # Flat indices into the arm-major (M, N) arrays: arm * N + user.
-    at = current * n_users + users
-    current_cost, current_revenue = c64[at], r64[at]
-    base_cost, base_revenue = float(current_cost.sum()), float(current_revenue.sum())
-    if total_budget < base_cost:
-        return _all_control(revenue, cost)
-    arms = np.repeat(current[np.newaxis], n_arms, axis=0)
-    step_cost = np.zeros((n_arms - 1, n_users))
-    step_revenue = np.zeros((n_arms - 1, n_users))
-    efficiency = np.full((n_arms - 1, n_users), -np.inf)
-    ceiling = np.full(n_users, np.inf)
-    for step in range(n_arms - 1):
-        slope = successor_slope[at]
-        active = slope > 0
-        if not active.any():
-            break
-        current = np.where(active, successor[at], current)
-        at = current * n_users + users
-        next_cost, next_revenue = c64[at], r64[at]
-        step_cost[step] = next_cost - current_cost
-        step_revenue[step] = next_revenue - current_revenue
-        np.minimum(ceiling, slope, out=ceiling)
-        efficiency[step] = np.where(active, ceiling, -np.inf)
-        arms[step + 1 :] = current
-        current_cost, current_revenue = next_cost, next_revenue
-    flat_efficiency = efficiency.reshape(-1)
-    grid_index = np.flatnonzero(flat_efficiency > -np.inf)
-    taken, lam, lp_revenue = _cut_numpy(
-        flat_efficiency[grid_index],
-        step_cost.reshape(-1)[grid_index],
-        step_revenue.reshape(-1)[grid_index],
-        total_budget - base_cost,
-    )
-    # Each user's taken steps are a prefix of its hull: their count is its hull position.
-    position = np.bincount(grid_index[taken] % n_users, minlength=n_users)
-    treatment = arms[position, users].astype(np.int64, copy=False)
-    at = treatment * n_users + users
-    return AllocationResult(
-        treatment=torch.from_numpy(treatment),
-        lam=lam,
-        mean_revenue=float(r64[at].sum()) / n_users,
-        mean_cost=float(c64[at].sum()) / n_users,
-        lp_value=(base_revenue + lp_revenue) / n_users,
-        status=STATUS_SLACK if lam == 0.0 else STATUS_OK,
-    )
-
-
-def _cut_numpy(
-    efficiency: np.ndarray, step_cost: np.ndarray, step_revenue: np.ndarray, spare: float
-) -> tuple[np.ndarray, float, float]:
-    """:meth:`_GreedyPlan.cut` in numpy: the steps taken, lambda* (0 when all fit) and the
-    LP revenue of the steps (the taken ones plus the binding one's fitting fraction).
-
-    Efficiency boundaries from a strided subsample, as in the torch code, but bisected with
-    one masked sum per probe instead of bucketing every step (numpy's searchsorted of a few
-    hundred thousand unsorted keys costs more than the rest of the solve); only the steps
-    between the two boundaries around lambda* are sorted.
-    """
-    if step_cost.sum() <= spare:
-        return np.ones(efficiency.shape, dtype=bool), 0.0, float(step_revenue.sum())
-    picks = np.linspace(0, efficiency.shape[0] - 1, min(_PROBES, efficiency.shape[0]))
-    boundaries = np.unique(efficiency[picks.astype(np.int64)])
-    # Smallest j whose steps at or above boundaries[j] fit (len: not even the top ones).
-    low, high = 0, len(boundaries)
-    while low < high:
-        middle = (low + high) // 2
-        if step_cost.sum(where=efficiency >= boundaries[middle]) <= spare:
-            high = middle
-        else:
-            low = middle + 1
-    ceiling = boundaries[low] if low < len(boundaries) else np.inf
-    floor = boundaries[low - 1] if low else -np.inf
-    taken = efficiency >= ceiling
-    spent = float(step_cost.sum(where=taken))
-    earned = float(step_revenue.sum(where=taken))
-    members = np.flatnonzero((efficiency >= floor) & ~taken)
-    members = members[np.argsort(-efficiency[members], kind="stable")]
-    running_cost = step_cost[members].cumsum()
-    running_revenue = step_revenue[members].cumsum()
-    n_fit = min(int(np.searchsorted(running_cost, spare - spent, side="right")), len(members) - 1)
-    taken[members[:n_fit]] = True
-    if n_fit:
-        spent += float(running_cost[n_fit - 1])
-        earned += float(running_revenue[n_fit - 1])
-    binding = members[n_fit]
-    fraction = (spare - spent) / float(step_cost[binding])
-    return taken, float(efficiency[binding]), earned + fraction * float(step_revenue[binding])
-
-
-def _hull_successors_numpy(revenue: np.ndarray, cost: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`_hull_successors` in numpy, as arm-major (M, N) arrays (the caller bounds
-    N * M^2). Instead of sorting arms by cost, the argmax over the costlier arm runs as a loop
-    over arms that breaks ties in slope by cost, then by arm index, as the sort does."""
-    revenue, cost = np.ascontiguousarray(revenue.T), np.ascontiguousarray(cost.T)
-    # [a, b, i]: from arm a to arm b of user i.
-    extra_cost = cost[np.newaxis] - cost[:, np.newaxis]
-    slope = revenue[np.newaxis] - revenue[:, np.newaxis]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        np.divide(slope, extra_cost, out=slope)
-    np.copyto(slope, -np.inf, where=extra_cost <= 0)
-    steepest = slope[:, 0].copy()
-    successor = np.zeros(steepest.shape, dtype=np.int64)
-    successor_cost = np.repeat(cost[:1], cost.shape[0], axis=0)
-    for arm in range(1, cost.shape[0]):
-        candidate = slope[:, arm]
-        better = (candidate > steepest) | ((candidate == steepest) & (cost[arm] < successor_cost))
-        np.copyto(steepest, candidate, where=better)
-        np.copyto(successor, arm, where=better)
-        np.copyto(successor_cost, cost[arm], where=better)
-    return successor, steepest
 
 
 def _solve_exact_direct(
