@@ -514,6 +514,15 @@ def check_user_ids(ids: pd.Series, file: str) -> None:
         )
 
 
+def check_ids_unique_across_chunks(ids: np.ndarray, file: str) -> None:
+    """One row per user over every chunk of a table read in parts (a chunk's own check cannot
+    see a twin in another chunk). A sorted copy finds repeats without a hash table of every
+    id; only a table that has some pays for :func:`check_user_ids`' message naming them."""
+    ordered = np.sort(ids)
+    if (ordered[1:] == ordered[:-1]).any():
+        check_user_ids(pd.Series(ids), file)
+
+
 def check_features(frame: pd.DataFrame, columns: Sequence[str], file: str) -> None:
     """Features are numbers a float32 network can read: no NaN, no infinity, no value beyond
     float32's range (which would turn into infinity)."""

@@ -34,6 +34,7 @@ from bidfcl.contract import (
     check_budget,
     check_column_names,
     check_features,
+    check_ids_unique_across_chunks,
     check_user_ids,
     load_dataset,
     parquet_columns,
@@ -356,7 +357,7 @@ def allocate_file(
     ids, revenue, cost = _predict_batches(Path(users), model, file, chunk_rows)
     # Arrow's allocator keeps freed batch memory for reuse; the solver needs it more.
     pa.default_memory_pool().release_unused()
-    _check_unique_ids(ids, file)
+    check_ids_unique_across_chunks(ids, file)
     result = deploy(model, revenue, cost, budget)
     arms = result.treatment.cpu().numpy()
     atomic_write(Path(out), lambda tmp: _write_allocation(tmp, ids, arms, chunk_rows))
@@ -402,14 +403,6 @@ def _check_user_columns(path: Path, features: list[str], file: str) -> None:
     if missing:
         detail = f"missing from the data: {missing}; the model reads {features}"
         raise FeatureMismatchError(rule_message(file, "model_features", detail, missing[0]))
-
-
-def _check_unique_ids(ids: np.ndarray, file: str) -> None:
-    """One row per user across batches: a sorted copy finds repeats without a hash table;
-    only a table that has some pays for the message naming them."""
-    ordered = np.sort(ids)
-    if (ordered[1:] == ordered[:-1]).any():
-        check_user_ids(pd.Series(ids), file)
 
 
 def _write_allocation(path: Path, ids: np.ndarray, arms: np.ndarray, chunk_rows: int) -> None:

@@ -49,6 +49,7 @@ from bidfcl.contract import (
     DatasetMeta,
     LoggedData,
     check_column_names,
+    check_ids_unique_across_chunks,
     check_rows,
     concat_logged,
     table_file,
@@ -231,27 +232,12 @@ def streamed_scaler(obs: ParquetRows, in_memory: LoggedData | None) -> FeatureSc
     for rows in read_ahead(obs.read, [[group] for group in range(obs.n_groups)]):
         moments.add(rows.x)
         ids.append(rows.user_id.numpy())
-    check_unique_ids(np.concatenate(ids), str(obs.path))
+    check_ids_unique_across_chunks(np.concatenate(ids), str(obs.path))
     scaler = FeatureScaler(len(obs.meta.feature_columns))
     mean, std = moments.mean_and_std()
     scaler.mean.copy_(mean)
     scaler.std.copy_(torch.where(std < scaler.min_std, torch.ones_like(std), std))
     return scaler
-
-
-def check_unique_ids(ids: np.ndarray, file: str) -> None:
-    """One row per user across every row group (a group-by-group check cannot see it)."""
-    ordered = np.sort(ids)
-    repeated = ordered[1:][ordered[1:] == ordered[:-1]]
-    if repeated.size:
-        raise DataContractError.broken(
-            file,
-            "user_id_unique",
-            "one row per user",
-            USER_ID,
-            n_rows=int(np.isin(ids, repeated).sum()),
-            examples=[repr(int(v)) for v in np.unique(repeated)[:5]],
-        )
 
 
 @dataclass(frozen=True)
