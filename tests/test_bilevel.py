@@ -7,6 +7,7 @@ import copy
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -198,6 +199,20 @@ def test_the_upper_level_is_scored_on_rct_rows_the_teacher_never_saw(tiny: Datas
     assert model.metadata["teacher"]["n_train_rows"] == len(lower)
 
 
+def test_a_tsm_obs_ft_teacher_is_pretrained_on_obs_and_fitted_on_the_lower_rct_rows(
+    tiny: Dataset, tmp_path: Path
+) -> None:
+    config = replace(TINY, method="bidfcl-ppl", fast_dev_run=True, teacher="tsm-obs-ft")
+
+    model = train_model(tiny, replace(config, checkpoint_dir=str(tmp_path)), progress=False)
+
+    teacher = model.metadata["teacher"]
+    assert teacher["method"] == "tsm-obs-ft"
+    assert teacher["n_train_rows"] == len(upper_level_split(tiny, config).lower.table(RCT_TRAIN))
+    # each phase of the chain checkpoints in its own folder: tsm-obs, then the Teacher
+    assert {p.name for p in tmp_path.iterdir()} == {"tsm-obs", "tsm-obs-ft", "bidfcl-ppl"}
+
+
 @pytest.mark.parametrize(
     ("method", "settings"),
     [
@@ -385,6 +400,20 @@ def test_the_learners_hypergradient_matches_finite_differences_of_its_lower_prob
     numeric = (moved[0] - moved[1]) / (2 * eps)
     assert cg.iterations > 10 and cg.relative_residual < 1e-10
     assert abs(analytic - numeric) <= 1e-3 * abs(numeric)
+    # with a separate curvature loss (the learner's Gauss-Newton path) the mixed term is a
+    # forward-mode directional derivative; on the same curvature it equals the double backward
+    forward_mode, _ = implicit_hypergradient(
+        lower,
+        upper,
+        theta_star,
+        [p.clone().requires_grad_(True) for p in phi],
+        500,
+        1e-12,
+        damping,
+        curvature_loss=lambda theta: lower(theta, phi),
+    )
+    for exact, forward in zip(grads, forward_mode, strict=True):
+        torch.testing.assert_close(forward, exact, rtol=1e-9, atol=1e-12)
 
 
 def _segment_rows(n: int, seed: int, obs_bias: float) -> LoggedData:

@@ -61,6 +61,7 @@ import lightning as L
 import numpy as np
 import torch
 from torch import nn
+from torch.autograd import forward_ad
 from torch.func import functional_call
 from torch.nn import functional as F
 
@@ -153,9 +154,11 @@ def implicit_hypergradient(
     theta = theta.detach().requires_grad_(True)
     (upper_grad,) = torch.autograd.grad(upper_loss(theta), theta)
     upper_grad = average(upper_grad)
-    (lower_grad,) = torch.autograd.grad(lower_loss(theta, phi), theta, create_graph=True)
-    curvature_grad = lower_grad
-    if curvature_loss is not None:
+    lower_grad = None
+    if curvature_loss is None:
+        (lower_grad,) = torch.autograd.grad(lower_loss(theta, phi), theta, create_graph=True)
+        curvature_grad = lower_grad
+    else:
         (curvature_grad,) = torch.autograd.grad(curvature_loss(theta), theta, create_graph=True)
 
     def damped_hvp(vector: torch.Tensor) -> torch.Tensor:
@@ -168,7 +171,16 @@ def implicit_hypergradient(
         # H + damping I is not positive definite along grad L_upper itself (an MLP's MSE
         # Hessian is indefinite where residuals are large): fall back to H ~ damping I.
         solution = upper_grad / damping if damping > 0 else upper_grad
-    mixed = torch.autograd.grad(lower_grad.dot(solution), phi)
+    if lower_grad is None:
+        # grad_theta L_lower . v as a forward-mode directional derivative, then d/dphi of it:
+        # one dual forward pass instead of a double backward through the whole batch
+        with forward_ad.dual_level():
+            directional = forward_ad.unpack_dual(
+                lower_loss(forward_ad.make_dual(theta.detach(), solution), phi)
+            ).tangent
+    else:
+        directional = lower_grad.dot(solution)
+    mixed = torch.autograd.grad(directional, phi)
     return [-average(g) for g in mixed], cg
 
 
@@ -467,7 +479,8 @@ class BilevelLearner(UpliftLearner):
         )
         if cfg.bridge != "ipw":
             error = (predictions - labels).square().sum(dim=-1)
-            loss = loss + cfg.pseudo_label_weight * error[ctx.unreceived].mean()
+            unreceived = ctx.unreceived.to(error.dtype)  # a mask product: no gather per step
+            loss = loss + cfg.pseudo_label_weight * (error * unreceived).sum() / unreceived.sum()
         if ctx.rct.n_rows > 0:
             rct = ctx.rct
             rct_revenue, rct_cost = revenue_all[n:], cost_all[n:]
@@ -499,12 +512,13 @@ class BilevelLearner(UpliftLearner):
     def _lookahead(self, ctx: ObsContext, theta: torch.Tensor, steps: int) -> torch.Tensor:
         """``steps`` SGD steps of the lower loss from ``theta`` at the current gates (on the
         mean of the processes' shards, so every process looks ahead to the same theta)."""
-        lower = self._lower(ctx)
-        phi = [p.detach() for p in self.bridge.parameters()]
+        with torch.no_grad():  # the gates are constants here: one Bridge pass, not one per step
+            gates = self._gates(dict(self.bridge.named_parameters()), ctx)
         with torch.enable_grad():
             for _ in range(steps):
                 theta = theta.detach().requires_grad_(True)
-                (step,) = torch.autograd.grad(lower(theta, phi), theta)
+                loss = self._lower_loss(self._unflatten(theta), gates, ctx)
+                (step,) = torch.autograd.grad(loss, theta)
                 theta = theta - self.config.lookahead_lr * mean_over_processes(step)
         return theta.detach()
 

@@ -174,15 +174,16 @@ class MethodSpec:
     decision method: it must train on RCT rows (the loss needs known propensities), uses
     ``decision_batch_size`` and ``decision_lr``, re-solves lambda* every epoch and adds
     alpha * MSE. ``warm_start`` names the method whose model it is fine-tuned from;
-    ``teacher`` the method whose model a bi-level fit uses as its frozen Teacher (and as
-    the Target's start). Either is trained first, for ``warm_start_epochs``.
+    ``teacher``: a bi-level fit, whose frozen Teacher (also the Target's start) is a model
+    of the method the ``teacher`` setting names. Either is trained first, for
+    ``warm_start_epochs``.
     """
 
     sources: tuple[str, ...]
     decision_loss: DecisionLoss | None = None
     ips_weighted: bool = False
     warm_start: str | None = None
-    teacher: str | None = None
+    teacher: bool = False
     fit: Fit = fit_single_level
 
     @property
@@ -200,14 +201,12 @@ METHOD_SPECS: dict[str, MethodSpec] = {
     "dfcl-pifd": MethodSpec((RCT_TRAIN,), pifd_decision, warm_start="tsm-rct"),
     "dfcl-pl": MethodSpec((RCT_TRAIN,), dual_pl_decision, warm_start="tsm-rct"),
     "dfcl-ifd": MethodSpec((RCT_TRAIN,), dual_ifd_decision, warm_start="tsm-rct"),
-    "bidfcl-ppl": MethodSpec(
-        (OBS, RCT_TRAIN), ppl_decision, teacher="tsm-rct", fit=fit_bilevel_method
-    ),
+    "bidfcl-ppl": MethodSpec((OBS, RCT_TRAIN), ppl_decision, teacher=True, fit=fit_bilevel_method),
     "bidfcl-pifd": MethodSpec(
-        (OBS, RCT_TRAIN), pifd_decision, teacher="tsm-rct", fit=fit_bilevel_method
+        (OBS, RCT_TRAIN), pifd_decision, teacher=True, fit=fit_bilevel_method
     ),
     "bidfcl-fixed": MethodSpec(
-        (OBS, RCT_TRAIN), ppl_decision, teacher="tsm-rct", fit=fit_fixed_gate_method
+        (OBS, RCT_TRAIN), ppl_decision, teacher=True, fit=fit_fixed_gate_method
     ),
 }
 METHODS: tuple[str, ...] = tuple(METHOD_SPECS)
@@ -217,7 +216,7 @@ STREAMING_METHODS: tuple[str, ...] = tuple(
     if all(
         OBS not in METHOD_SPECS[phase].sources
         or (METHOD_SPECS[phase].fit is fit_single_level and not METHOD_SPECS[phase].ips_weighted)
-        for phase in filter(None, (name, spec.warm_start, spec.teacher))
+        for phase in filter(None, (name, spec.warm_start))
     )
 )
 """Methods that train with OBS streamed (``stream_obs_above_mb``): every phase reads OBS by
@@ -254,12 +253,11 @@ def train_model(
     data_key = _dataset_key(dataset) if config.checkpoint_dir is not None else ""
     with scoped_torch_settings(config.num_threads):
         start_from = warm_start
-        first = spec.warm_start or spec.teacher
+        first = spec.warm_start or (config.teacher if spec.teacher else None)
         if start_from is None and first is not None:
-            first_config = replace(config, method=first, max_epochs=config.warm_start_epochs)
             # a Teacher never sees the rows its Bridge is judged on (cross-fitting)
             first_data = upper_level_split(dataset, config).lower if spec.teacher else dataset
-            start_from = _fit_phase(first_data, first_config, budget, None, progress, data_key)
+            start_from = _fit_start(first, first_data, config, budget, progress, data_key)
         model = _fit_phase(dataset, config, budget, start_from, progress, data_key)
         if config.calibrate_spend:
             calibration = calibrate(model, dataset.logged(RCT_VAL), budget, seed=config.seed)
@@ -279,6 +277,24 @@ def train_to_folder(
     dataset = load_dataset(data_dir, tables=tables)
     model = train_model(dataset, config, progress)
     return model.save(out_dir) if is_main_process() else Path(out_dir)
+
+
+def _fit_start(
+    method: str,
+    dataset: Dataset,
+    config: TrainConfig,
+    budget: float,
+    progress: bool,
+    data_key: str,
+) -> UpliftModel:
+    """Fit ``method`` as a warm start or Teacher, for ``warm_start_epochs``, after its own
+    warm start if it has one (a tsm-obs-ft Teacher first fits tsm-obs)."""
+    spec = method_spec(method)
+    start_from = None
+    if spec.warm_start is not None:
+        start_from = _fit_start(spec.warm_start, dataset, config, budget, progress, data_key)
+    phase_config = replace(config, method=method, max_epochs=config.warm_start_epochs)
+    return _fit_phase(dataset, phase_config, budget, start_from, progress, data_key)
 
 
 def _fit_phase(

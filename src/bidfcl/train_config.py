@@ -22,6 +22,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "bridge": ("labels", "gate", "ipw"),
     "hypergradient": ("implicit", "explicit"),
     "curvature": ("gauss_newton", "hessian"),
+    # the method a bidfcl-* Teacher is trained by (on the lower split of rct_train)
+    "teacher": ("tsm-rct", "tsm-obs-ft"),
     # "ddp": Lightning's DDP, one process per device (launched by Lightning itself, or by
     # torchrun / SLURM, which it detects); spawn-style launchers lose the learner's state
     "strategy": ("auto", "ddp"),
@@ -71,6 +73,7 @@ class TrainConfig:
     bridge: str = "labels"
     rct_weight: float = 1.0
     upper_fraction: float = 0.3
+    teacher: str = "tsm-rct"
     fixed_gate: float | None = None
     hypergradient: str = "implicit"
     curvature: str = "gauss_newton"
