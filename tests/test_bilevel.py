@@ -232,8 +232,9 @@ def test_bidfcl_fast_dev_run_takes_bridge_and_target_steps(
     assert revenue_hat.shape == cost_hat.shape == (len(tiny.table(RCT_VAL)), 5)
     assert torch.isfinite(revenue_hat).all() and torch.isfinite(cost_hat).all()
     meta = model.metadata
-    assert meta["method"] == method and meta["teacher"]["method"] == "tsm-rct"
+    assert meta["method"] == method and meta["teacher"]["method"] == config.teacher
     assert meta["bilevel"]["hypergradient_steps"] == 1
+    assert meta["bilevel"]["helpful_share"] is None  # the audit is opt-in
     assert math.isfinite(meta["val_eom_history"][0]) and meta["history"][0]["lambda"] >= 0
     if config.hypergradient == "implicit":  # Gauss-Newton curvature: CG never stalls at once
         assert meta["bilevel"]["mean_cg_iterations"] > 0
@@ -468,6 +469,7 @@ def test_the_bridge_moves_toward_the_teacher_where_the_obs_labels_are_biased(see
         lookahead_lr=0.1,
         cg_damping=0.1,
         cg_tol=1e-6,
+        audit_bridge_steps=True,
     )
     target = UpliftModel.build(
         obs.x, ["segment", "noise"], ["control", "coupon"], config.model_config

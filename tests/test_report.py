@@ -288,8 +288,8 @@ def test_gap_closed_and_paired_test_equal_a_hand_computation(written: Written) -
     gap = f"{shares.mean() * 100:.1f}% ± {shares.std(ddof=1) * 100:.1f}%"
     p_value = f"{stats.ttest_rel(own, best).pvalue:.3f}"
     assert (
-        f"| {gap} | {spend.mean():.3f} | tsm-both | {(own - best).mean():+.3f} | {p_value} |"
-        in (section_of(markdown, "default"))
+        f"| {gap} | {spend.mean():.3f} ± {spend.std(ddof=1):.3f} | tsm-both "
+        f"| {(own - best).mean():+.3f} | {p_value} |" in (section_of(markdown, "default"))
     )
     assert row_of(table_of(report, "default"), "tsm-rct")["gap_closed"]["mean"] == 0.0
     oracle = table_of(report, "default")["oracle"]

@@ -115,11 +115,12 @@ def same_weights(a: UpliftModel, b: UpliftModel) -> bool:
         ("dfcl-ppl", ("dfcl-ppl", 2, 0), [["dfcl-ppl", 2], ["dfcl-ppl", 3]]),
         # the Teacher finished and is reused; Bridge, both optimisers and counters resume
         ("bidfcl-ppl", ("bidfcl-ppl", 2, 1), [["bidfcl-ppl", 2], ["bidfcl-ppl", 3]]),
-        # killed in the Teacher phase: it resumes, then the main phase runs
+        # killed in the Teacher phase (tsm-obs-ft): its own warm start (tsm-obs) finished and
+        # is reused, the Teacher resumes, then the main phase runs
         (
             "bidfcl-ppl",
-            ("tsm-rct", 1, 1),
-            [["tsm-rct", 1], ["tsm-rct", 2], *([["bidfcl-ppl", e] for e in range(4)])],
+            ("tsm-obs-ft", 1, 1),
+            [["tsm-obs-ft", 1], ["tsm-obs-ft", 2], *([["bidfcl-ppl", e] for e in range(4)])],
         ),
     ],
     ids=["dfcl-warm-start-done", "bidfcl-teacher-done", "bidfcl-killed-in-teacher"],

@@ -36,11 +36,12 @@ on the lower loss (theta_k ~ theta*(phi)) and steps phi along the hypergradient:
   ``curvature_fraction`` of the batch (a subsampled curvature, as in Hessian-free
   optimisation): they are most of a hypergradient's cost;
 - explicit (ablation): differentiate L_upper through the last look-ahead step.
-After each Bridge step the look-ahead is redone with the new gates, and the step counts as
-helpful if the upper loss on the same held-out batch went down (``helpful_share`` in the
-model's metadata). Every OBS batch the Target takes one real Adam step on the lower loss
-with the current gates. The saved model is the Target at its best validation epoch, so
-evaluation and allocation treat it like any other method's model.
+With ``audit_bridge_steps`` the look-ahead is redone after each Bridge step with the new
+gates, and the step counts as helpful if the upper loss on the same held-out batch went down
+(``helpful_share`` in the model's metadata): a diagnostic that costs k more look-ahead steps
+per Bridge step, so it is off unless asked for. Every OBS batch the Target takes one real
+Adam step on the lower loss with the current gates. The saved model is the Target at its
+best validation epoch, so evaluation and allocation treat it like any other method's model.
 
 Under DDP each process holds a shard of every batch. The Target's step is reduced by
 Lightning's DDP; the look-ahead steps, the CG products, the hypergradient and the losses that
@@ -367,7 +368,8 @@ class BilevelLearner(UpliftLearner):
             )
 
         theta_0 = _flat(list(self.net.parameters()))
-        hypergradient, before = self._hypergradient(ctx, upper_loss, theta_0)
+        audit = self.config.audit_bridge_steps
+        hypergradient, before = self._hypergradient(ctx, upper_loss, theta_0, audit)
         if not all(bool(torch.isfinite(g).all()) for g in hypergradient):
             self.skipped_steps += 1  # a diverged look-ahead: skip rather than poison the Bridge
             return
@@ -375,9 +377,10 @@ class BilevelLearner(UpliftLearner):
         for param, grad in zip(self.bridge.parameters(), hypergradient, strict=True):
             param.grad = grad
         bridge_opt.step()
-        with torch.no_grad():
-            after = upper_loss(self._lookahead(ctx, theta_0, self.config.bilevel_k))
-        self.helpful_steps += int(float(mean_over_processes(after)) < before)
+        if before is not None:
+            with torch.no_grad():
+                after = upper_loss(self._lookahead(ctx, theta_0, self.config.bilevel_k))
+            self.helpful_steps += int(float(mean_over_processes(after)) < before)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """The learner's state plus the bi-level counters (the Teacher, anchor, Bridge and
@@ -523,23 +526,27 @@ class BilevelLearner(UpliftLearner):
         return theta.detach()
 
     def _hypergradient(
-        self, ctx: ObsContext, upper: UpperLoss, theta_0: torch.Tensor
-    ) -> tuple[list[torch.Tensor], float]:
+        self, ctx: ObsContext, upper: UpperLoss, theta_0: torch.Tensor, audit: bool
+    ) -> tuple[list[torch.Tensor], float | None]:
         """Look ahead k steps from theta_0, then the implicit or unrolled hypergradient;
-        also the upper loss after the full look-ahead (what a Bridge step should lower)."""
+        with ``audit`` also the upper loss after the full look-ahead (what a Bridge step
+        should lower), else None."""
         cfg = self.config
         phi = list(self.bridge.parameters())
         lower = self._lower(ctx)
         explicit = cfg.hypergradient == "explicit"
         theta = self._lookahead(ctx, theta_0, cfg.bilevel_k - 1 if explicit else cfg.bilevel_k)
         self.hyper_steps += 1
+        before = None
         if explicit:
-            with torch.no_grad():
-                before = float(mean_over_processes(upper(self._lookahead(ctx, theta, 1))))
+            if audit:
+                with torch.no_grad():
+                    before = float(mean_over_processes(upper(self._lookahead(ctx, theta, 1))))
             grads = unrolled_hypergradient(lower, upper, theta, phi, cfg.lookahead_lr)
             return [mean_over_processes(g) for g in grads], before
-        with torch.no_grad():
-            before = float(mean_over_processes(upper(theta)))
+        if audit:
+            with torch.no_grad():
+                before = float(mean_over_processes(upper(theta)))
 
         curvature_ctx = ctx.head(cfg.curvature_fraction)
         with torch.no_grad():
@@ -633,8 +640,11 @@ def fit_bilevel(
         "hypergradient_steps": learner.hyper_steps,
         "mean_cg_iterations": learner.cg_iterations / max(1, learner.hyper_steps),
         "skipped_steps": learner.skipped_steps,
-        "helpful_share": learner.helpful_steps
-        / max(1, learner.hyper_steps - learner.skipped_steps),
+        "helpful_share": (
+            learner.helpful_steps / max(1, learner.hyper_steps - learner.skipped_steps)
+            if config.audit_bridge_steps
+            else None
+        ),
         "upper_rows": len(split.upper),
         "gate_mean_per_epoch": learner.gate_means,
     }

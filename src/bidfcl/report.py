@@ -591,8 +591,9 @@ def _conventions() -> list[str]:
         f"- **oracle gap closed**: mean over seeds of (v − v_{REFERENCE}) / (oracle − "
         f"v_{REFERENCE}), v the deployed true value on that seed: 0% is {REFERENCE}, 100% the "
         "oracle.",
-        "- **spend / budget**: mean over seeds of the deployed allocation's cost over the budget "
-        "(true cost on simulated data, estimated otherwise).",
+        "- **spend / budget**: mean ± sd over seeds of the deployed allocation's cost over the "
+        "budget (true cost on simulated data, estimated otherwise); the sd over the square root "
+        "of the seeds is how far the mean may sit from the budget by chance.",
         "- **vs best baseline**: the best baseline is the non-bidfcl method "
         f"({REFERENCE} included), other than the row's own, with the highest mean deployed true "
         "value (mean EOM on data without ground truth). Δ is the row minus it in that quantity, "
@@ -654,12 +655,12 @@ def _table_columns(table: Mapping[str, Any]) -> list[tuple[str, Any]]:
         columns += [
             ("deployed true value", lambda r: _mean_sd(r["deployed_true_value"], 3)),
             ("oracle gap closed", lambda r: _mean_sd(r["gap_closed"], 1, percent=True)),
-            ("true spend / budget", lambda r: _number_text(r["true_spend_ratio"]["mean"], 3)),
+            ("true spend / budget", lambda r: _mean_sd(r["true_spend_ratio"], 3)),
         ]
     else:
         columns += [
             ("deployed value (est.)", lambda r: _mean_sd(r["deployed_value"], 3)),
-            ("spend / budget (est.)", lambda r: _number_text(r["spend_ratio"]["mean"], 3)),
+            ("spend / budget (est.)", lambda r: _mean_sd(r["spend_ratio"], 3)),
         ]
     if table["two_arms"]:
         columns.append(("AUCC", lambda r: _mean_sd(r["aucc"], 4)))

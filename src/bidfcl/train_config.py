@@ -73,11 +73,12 @@ class TrainConfig:
     bridge: str = "labels"
     rct_weight: float = 1.0
     upper_fraction: float = 0.3
-    teacher: str = "tsm-rct"
+    teacher: str = "tsm-obs-ft"
     fixed_gate: float | None = None
     hypergradient: str = "implicit"
     curvature: str = "gauss_newton"
     curvature_fraction: float = 0.5
+    audit_bridge_steps: bool = False
     calibrate_spend: bool = True
     accelerator: str = "auto"
     devices: int = 1
