@@ -178,7 +178,7 @@ def test_obs_rct_loader_pairs_every_obs_batch_with_cycled_rct_and_upper_batches(
     assert sum(b["obs"].n_rows for b in batches) == obs.n_rows
     rct_ids = torch.cat([b["rct"].user_id for b in batches])  # one pass, as many batches
     assert sorted(rct_ids.tolist()) == sorted(rct.user_id.tolist())
-    upper_ids = torch.cat([b["upper"].user_id for b in batches])
+    upper_ids = torch.cat([data.upper_batch(b["upper"]).user_id for b in batches])
     assert len(upper_ids) > split.upper.n_rows  # cycled: fewer batches than OBS
     assert set(upper_ids.tolist()) == set(split.upper.user_id.tolist())
 

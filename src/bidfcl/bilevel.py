@@ -335,16 +335,18 @@ class BilevelLearner(UpliftLearner):
             torch.optim.Adam(self.bridge.parameters(), lr=self.config.bridge_lr),
         ]
 
-    def training_step(self, batch: dict[str, LoggedData], batch_idx: int) -> None:
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         """The schedule: a Bridge step every k-th OBS batch (after the warm-up), then a
-        Target step on every OBS batch; batch_idx counts OBS batches within the epoch."""
+        Target step on every OBS batch; batch_idx counts OBS batches within the epoch.
+        ``batch`` is an :class:`~bidfcl.datamodule.ObsRctDataModule` item."""
         target_opt, bridge_opt = self.optimizers()
         context = self.last_context = self._context(batch["obs"], batch["rct"])
         self.epoch_rows += context.batch.n_rows + context.rct.n_rows
         warm = self.current_epoch < self.config.bridge_warmup_epochs
         learned = self.config.fixed_gate is None
         if learned and not warm and batch_idx % self.config.bilevel_k == 0:
-            self._bridge_step(bridge_opt, context, batch["upper"])
+            upper = self.trainer.datamodule.upper_batch(batch["upper"]).to(self.device)
+            self._bridge_step(bridge_opt, context, upper)
 
         target_opt.zero_grad()
         theta = dict(self.net.named_parameters())

@@ -34,6 +34,20 @@ class IndexedRows(TorchDataset[LoggedData]):
         return self.rows.rows(index)
 
 
+class RowNumbers(TorchDataset[torch.Tensor]):
+    """Map-style dataset whose item is its index: a loader of row numbers only, for rows
+    gathered later and only when a step uses them."""
+
+    def __init__(self, n_rows: int) -> None:
+        self.n_rows = n_rows
+
+    def __len__(self) -> int:
+        return self.n_rows
+
+    def __getitem__(self, index: torch.Tensor) -> torch.Tensor:
+        return index
+
+
 class ShuffledBatches(Sampler[torch.Tensor]):
     """A fresh permutation each epoch, cut into ceil(N / batch_size) near-equal index chunks.
 
@@ -94,7 +108,9 @@ class ObsRctDataModule(UpliftDataModule):
     """OBS batches paired with two RCT batches, the RCT loaders cycled so every OBS batch has
     one of each.
 
-    Each training item is ``{"obs": ..., "rct": ..., "upper": ...}`` (all ``LoggedData``);
+    Each training item is ``{"obs": ..., "rct": ..., "upper": ...}``: ``LoggedData`` for the
+    first two, row numbers of the upper table for the last (:meth:`upper_batch` gathers
+    them: the Bridge steps on every k-th batch only, so the other gathers would be waste);
     an epoch is one pass over OBS and one over the ``rct`` rows, cut into as many batches
     as OBS (as pooling them would see them). The bi-level learner steps the Target on OBS
     plus the ``rct`` rows (the lower level) and the Bridge on the ``upper`` rows (the upper
@@ -123,6 +139,12 @@ class ObsRctDataModule(UpliftDataModule):
         loaders = {
             "obs": self._loader(self.train_rows, self.train_sampler),
             "rct": self._loader(self.rct_rows, self.rct_sampler),
-            "upper": self._loader(self.upper_rows, self.upper_sampler),
+            "upper": DataLoader(
+                RowNumbers(len(self.upper_rows)), sampler=self.upper_sampler, batch_size=None
+            ),
         }
         return CombinedLoader(loaders, mode="max_size_cycle")
+
+    def upper_batch(self, row_numbers: torch.Tensor) -> LoggedData:
+        """The upper-level rows a training item's ``"upper"`` numbers name."""
+        return self.upper_rows.rows(row_numbers.cpu())
