@@ -1,0 +1,121 @@
+"""Paired comparisons of saved benchmark cells on any metric a cell records.
+
+The report (``bidfcl report``) ranks methods by the deployed allocation's true value, whose
+spend follows the rct_val calibration and so moves by several percent from seed to seed.
+This script pairs the same cells on another recorded metric; ``true_value`` (the true
+revenue of the Lagrangian policy whose spend meets the budget on the 12,000-user rct_test)
+holds the spend at the budget and so separates ranking quality from spend luck.
+
+    python benchmarks/paired_metric.py benchmarks/runs/regimes-50k --metric true_value \\
+        --against tsm-both tsm-obs-ft bidfcl-fixed --out benchmarks/results/regimes-50k-true-value
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+from scipy import stats
+
+from bidfcl.benchmark import read_cells
+from bidfcl.io import atomic_write, write_json
+
+
+def per_seed(cells: list[dict[str, Any]], metric: str) -> dict[str, dict[str, dict[int, float]]]:
+    """dataset -> method -> seed -> the metric (cells without it are left out)."""
+    table: dict[str, dict[str, dict[int, float]]] = {}
+    for cell in cells:
+        value = cell["metrics"].get(metric)
+        if value is not None:
+            table.setdefault(cell["dataset"], {}).setdefault(cell["method"], {})[cell["seed"]] = (
+                float(value)
+            )
+    return table
+
+
+def paired(values: dict[int, float], reference: dict[int, float]) -> dict[str, Any]:
+    """Mean difference, paired t-test p-value and wins over the seeds both have."""
+    seeds = sorted(set(values) & set(reference))
+    diffs = [values[s] - reference[s] for s in seeds]
+    p_value = (
+        float(stats.ttest_rel([values[s] for s in seeds], [reference[s] for s in seeds]).pvalue)
+        if len(seeds) > 1 and statistics.stdev(diffs) > 0
+        else None
+    )
+    return {
+        "n": len(seeds),
+        "mean_diff": statistics.mean(diffs) if diffs else None,
+        "p_value": p_value,
+        "wins": sum(d > 0 for d in diffs),
+    }
+
+
+def compare(
+    table: dict[str, dict[str, dict[int, float]]], against: list[str]
+) -> dict[str, dict[str, Any]]:
+    """Per dataset and method: the mean over seeds and its paired test against each of
+    ``against`` that the dataset has."""
+    return {
+        dataset: {
+            method: {
+                "seeds": len(values),
+                "mean": statistics.mean(values.values()),
+                "versus": {
+                    other: paired(values, methods[other])
+                    for other in against
+                    if other in methods and other != method
+                },
+            }
+            for method, values in sorted(methods.items())
+        }
+        for dataset, methods in sorted(table.items())
+    }
+
+
+def markdown(result: dict[str, dict[str, Any]], metric: str, against: list[str]) -> str:
+    lines = [f"# Paired comparison on `{metric}`", ""]
+    for dataset, methods in result.items():
+        lines += [f"## {dataset}", "", "| method | seeds | mean | " + " | ".join(against) + " |"]
+        lines.append("|---" * (3 + len(against)) + "|")
+        for method, row in methods.items():
+            cells = []
+            for other in against:
+                pair = row["versus"].get(other)
+                if pair is None or pair["mean_diff"] is None:
+                    cells.append("–")
+                    continue
+                p = "n/a" if pair["p_value"] is None else f"{pair['p_value']:.3f}"
+                cells.append(f"{pair['mean_diff']:+.3f} (p {p}, {pair['wins']}/{pair['n']})")
+            lines.append(f"| {method} | {row['seeds']} | {row['mean']:.3f} | {' | '.join(cells)} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="benchmark output folders")
+    parser.add_argument("--metric", default="true_value")
+    parser.add_argument("--against", nargs="+", default=["tsm-both", "tsm-obs-ft"])
+    parser.add_argument("--out", type=Path, default=None, help="path stem for .md and .json")
+    args = parser.parse_args(argv)
+    cells = [cell for folder in args.runs for cell in read_cells(folder)]
+    result = compare(per_seed(cells, args.metric), args.against)
+    text = markdown(result, args.metric, args.against)
+    print(text)
+    if args.out is not None:
+        payload = {
+            "metric": args.metric,
+            "runs": [str(folder) for folder in args.runs],
+            "code_versions": sorted({str(cell.get("code_version")) for cell in cells}),
+            "command": " ".join(sys.argv),
+            "result": result,
+        }
+        write_json(args.out.with_suffix(".json"), payload)
+        atomic_write(args.out.with_suffix(".md"), lambda tmp: tmp.write_text(text + "\n"))
+
+
+if __name__ == "__main__":
+    main()
