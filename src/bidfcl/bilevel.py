@@ -1,7 +1,8 @@
 """Bi-DFCL: the bi-level learner that lets a small RCT steer how a large OBS log is used.
 
 Three networks:
-- Teacher: a tsm-rct model, frozen. Unbiased (RCT) but noisy.
+- Teacher: frozen, fit on RCT rows (``teacher``: tsm-obs-ft, pre-trained on OBS; or
+  tsm-rct, the RCT rows alone). Unbiased where the RCT decides, but noisy.
 - Target: the deployed UpliftNet, started from the Teacher. Lower level: its parameters
   theta minimise the MSE to gated labels on OBS plus ``rct_weight`` times the factual MSE
   on the RCT rows of the lower level.
@@ -370,8 +371,7 @@ class BilevelLearner(UpliftLearner):
             )
 
         theta_0 = _flat(list(self.net.parameters()))
-        audit = self.config.audit_bridge_steps
-        hypergradient, before = self._hypergradient(ctx, upper_loss, theta_0, audit)
+        hypergradient, before = self._hypergradient(ctx, upper_loss, theta_0)
         if not all(bool(torch.isfinite(g).all()) for g in hypergradient):
             self.skipped_steps += 1  # a diverged look-ahead: skip rather than poison the Bridge
             return
@@ -528,12 +528,13 @@ class BilevelLearner(UpliftLearner):
         return theta.detach()
 
     def _hypergradient(
-        self, ctx: ObsContext, upper: UpperLoss, theta_0: torch.Tensor, audit: bool
+        self, ctx: ObsContext, upper: UpperLoss, theta_0: torch.Tensor
     ) -> tuple[list[torch.Tensor], float | None]:
         """Look ahead k steps from theta_0, then the implicit or unrolled hypergradient;
-        with ``audit`` also the upper loss after the full look-ahead (what a Bridge step
-        should lower), else None."""
+        with ``audit_bridge_steps`` also the upper loss after the full look-ahead (what a
+        Bridge step should lower), else None."""
         cfg = self.config
+        audit = cfg.audit_bridge_steps
         phi = list(self.bridge.parameters())
         lower = self._lower(ctx)
         explicit = cfg.hypergradient == "explicit"
@@ -594,13 +595,13 @@ def fit_bilevel(
     teacher: UpliftModel,
     progress: bool,
 ) -> UpliftModel:
-    """Fit a bidfcl-* method: ``teacher`` (a tsm-rct model trained on
-    ``upper_level_split(dataset, config).lower``, not modified) is the frozen Teacher and the
-    Target's start; ``decision_loss`` is the upper level's loss.
+    """Fit a bidfcl-* method: ``teacher`` (a model of the ``teacher`` setting's method whose
+    RCT rows are ``upper_level_split(dataset, config).lower``, not modified) is the frozen
+    Teacher and the Target's start; ``decision_loss`` is the upper level's loss.
 
     The Target starts from the Teacher rather than from tsm-obs: the labels then start at
-    unbiased values and the lower level has to earn any move towards the biased OBS. The
-    Teacher's summary goes into the model's ``teacher`` metadata.
+    values the RCT decided and the lower level has to earn any move towards the biased OBS.
+    The Teacher's summary goes into the model's ``teacher`` metadata.
     """
     L.seed_everything(config.seed, workers=True, verbose=False)
     split = upper_level_split(dataset, config)

@@ -16,8 +16,9 @@ is one entry of :data:`METHOD_SPECS`.
 - ``tsm-obs-ft``: tsm-obs, then fine-tuned by the factual MSE on RCT train (the first
   data-fusion baseline practitioners reach for with a big biased log and a small trial).
 - ``bidfcl-ppl`` / ``bidfcl-pifd``: the bi-level learner of :mod:`bidfcl.bilevel` (a Bridge
-  tuned by the RCT decision loss mixes a frozen tsm-rct Teacher into the OBS pseudo-labels
-  of the Target); the Teacher is trained here and is also the Target's start.
+  tuned by the RCT decision loss mixes a frozen Teacher into the Target's OBS labels); the
+  Teacher (``teacher``: tsm-obs-ft or tsm-rct, on the RCT rows the upper level does not
+  score on) is trained here and is also the Target's start.
 - ``bidfcl-fixed``: the same Target with the Bridge frozen at a constant gate chosen on
   rct_val (the ablation that shows what learning the Bridge adds).
 
