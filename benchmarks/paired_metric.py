@@ -13,65 +13,49 @@ holds the spend at the budget and so separates ranking quality from spend luck.
 from __future__ import annotations
 
 import argparse
-import statistics
+import math
 import sys
 from pathlib import Path
 from typing import Any
 
-from scipy import stats
+import pandas as pd
 
 from bidfcl.benchmark import read_cells
 from bidfcl.io import atomic_write, write_json
+from bidfcl.report import paired_comparison
 
 
-def per_seed(cells: list[dict[str, Any]], metric: str) -> dict[str, dict[str, dict[int, float]]]:
-    """dataset -> method -> seed -> the metric (cells without it are left out)."""
-    table: dict[str, dict[str, dict[int, float]]] = {}
-    for cell in cells:
-        value = cell["metrics"].get(metric)
-        if value is not None:
-            table.setdefault(cell["dataset"], {}).setdefault(cell["method"], {})[cell["seed"]] = (
-                float(value)
-            )
-    return table
-
-
-def paired(values: dict[int, float], reference: dict[int, float]) -> dict[str, Any]:
-    """Mean difference, paired t-test p-value and wins over the seeds both have."""
-    seeds = sorted(set(values) & set(reference))
-    diffs = [values[s] - reference[s] for s in seeds]
-    p_value = (
-        float(stats.ttest_rel([values[s] for s in seeds], [reference[s] for s in seeds]).pvalue)
-        if len(seeds) > 1 and statistics.stdev(diffs) > 0
-        else None
-    )
+def per_seed(cells: list[dict[str, Any]], metric: str) -> dict[str, pd.DataFrame]:
+    """dataset -> (seed x method) table of the metric (cells without it are left out)."""
+    rows = [
+        {"dataset": c["dataset"], "method": c["method"], "seed": c["seed"], "value": v}
+        for c in cells
+        if (v := c["metrics"].get(metric)) is not None
+    ]
+    frame = pd.DataFrame(rows, columns=["dataset", "method", "seed", "value"])
     return {
-        "n": len(seeds),
-        "mean_diff": statistics.mean(diffs) if diffs else None,
-        "p_value": p_value,
-        "wins": sum(d > 0 for d in diffs),
+        dataset: group.pivot(index="seed", columns="method", values="value").astype(float)
+        for dataset, group in frame.groupby("dataset")
     }
 
 
-def compare(
-    table: dict[str, dict[str, dict[int, float]]], against: list[str]
-) -> dict[str, dict[str, Any]]:
+def compare(table: dict[str, pd.DataFrame], against: list[str]) -> dict[str, dict[str, Any]]:
     """Per dataset and method: the mean over seeds and its paired test against each of
-    ``against`` that the dataset has."""
+    ``against`` that the dataset has (the report's :func:`~bidfcl.report.paired_comparison`)."""
     return {
         dataset: {
             method: {
-                "seeds": len(values),
-                "mean": statistics.mean(values.values()),
+                "seeds": int(values[method].notna().sum()),
+                "mean": float(values[method].mean()),
                 "versus": {
-                    other: paired(values, methods[other])
+                    other: paired_comparison(values, method, other)
                     for other in against
-                    if other in methods and other != method
+                    if other in values and other != method
                 },
             }
-            for method, values in sorted(methods.items())
+            for method in sorted(values)
         }
-        for dataset, methods in sorted(table.items())
+        for dataset, values in sorted(table.items())
     }
 
 
@@ -84,10 +68,10 @@ def markdown(result: dict[str, dict[str, Any]], metric: str, against: list[str])
             cells = []
             for other in against:
                 pair = row["versus"].get(other)
-                if pair is None or pair["mean_diff"] is None:
+                if pair is None or pair["n"] == 0:
                     cells.append("–")
                     continue
-                p = "n/a" if pair["p_value"] is None else f"{pair['p_value']:.3f}"
+                p = "n/a" if math.isnan(pair["p_value"]) else f"{pair['p_value']:.3f}"
                 cells.append(f"{pair['mean_diff']:+.3f} (p {p}, {pair['wins']}/{pair['n']})")
             lines.append(f"| {method} | {row['seeds']} | {row['mean']:.3f} | {' | '.join(cells)} |")
         lines.append("")
