@@ -23,8 +23,10 @@ Upper level: phi minimises the RCT decision loss (PPL or PIFD at lambda*) of the
 scored on RCT rows neither the Teacher nor the lower level saw (cross-fitting by a disjoint
 split, :func:`upper_level_split`): judged on the Teacher's own rows, trusting the Teacher
 would look better than it is.
-Every ``bilevel_k``-th OBS batch the learner copies theta, takes k look-ahead SGD steps
-on the lower loss (theta_k ~ theta*(phi)) and steps phi along the hypergradient:
+Every ``bilevel_k``-th OBS batch the learner copies theta, takes k look-ahead steps on
+the lower loss (theta_k ~ theta*(phi)), preconditioned by the Target's own Adam statistics
+(:meth:`BilevelLearner._step_sizes`; plain SGD diverges on revenue-scale labels), and steps
+phi along the hypergradient:
 - implicit (default): by the implicit function theorem, solve (H + damping I) v =
   grad_theta L_upper(theta_k) by conjugate gradient on Hessian-vector products (double
   backprop, no Hessian is formed), then
@@ -191,9 +193,10 @@ def unrolled_hypergradient(
     upper_loss: UpperLoss,
     theta: torch.Tensor,
     phi: Sequence[torch.Tensor],
-    lr: float,
+    lr: float | torch.Tensor,
 ) -> list[torch.Tensor]:
-    """d L_upper(theta - lr grad_theta L_lower(theta, phi)) / d phi: one differentiated step."""
+    """d L_upper(theta - lr grad_theta L_lower(theta, phi)) / d phi: one differentiated step
+    (``lr`` a scalar or per-parameter step sizes)."""
     theta = theta.detach().requires_grad_(True)
     (lower_grad,) = torch.autograd.grad(lower_loss(theta, phi), theta, create_graph=True)
     return list(torch.autograd.grad(upper_loss(theta - lr * lower_grad), phi))
@@ -329,10 +332,11 @@ class BilevelLearner(UpliftLearner):
         self.gate_means: list[float] = []  # mean gate on each epoch's last OBS batch
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        self.target_optimizer = torch.optim.Adam(
+            self.net.parameters(), lr=self.lr, weight_decay=self.config.weight_decay
+        )
         return [
-            torch.optim.Adam(
-                self.net.parameters(), lr=self.lr, weight_decay=self.config.weight_decay
-            ),
+            self.target_optimizer,
             torch.optim.Adam(self.bridge.parameters(), lr=self.config.bridge_lr),
         ]
 
@@ -515,17 +519,53 @@ class BilevelLearner(UpliftLearner):
         return lower
 
     def _lookahead(self, ctx: ObsContext, theta: torch.Tensor, steps: int) -> torch.Tensor:
-        """``steps`` SGD steps of the lower loss from ``theta`` at the current gates (on the
-        mean of the processes' shards, so every process looks ahead to the same theta)."""
+        """``steps`` preconditioned gradient steps of the lower loss from ``theta`` at the
+        current gates (:meth:`_step_sizes`; on the mean of the processes' shards, so every
+        process looks ahead to the same theta)."""
         with torch.no_grad():  # the gates are constants here: one Bridge pass, not one per step
             gates = self._gates(dict(self.bridge.named_parameters()), ctx)
+        adam = self._adam_second_moment()
         with torch.enable_grad():
             for _ in range(steps):
                 theta = theta.detach().requires_grad_(True)
                 loss = self._lower_loss(self._unflatten(theta), gates, ctx)
-                (step,) = torch.autograd.grad(loss, theta)
-                theta = theta - self.config.lookahead_lr * mean_over_processes(step)
+                (grad,) = torch.autograd.grad(loss, theta)
+                grad = mean_over_processes(grad)
+                theta = theta - self._step_sizes(grad, adam) * grad
         return theta.detach()
+
+    def _adam_second_moment(self) -> torch.Tensor | None:
+        """The Target's Adam second-moment estimate, bias-corrected and flat (None before
+        the Target's first step)."""
+        optimizer = getattr(self, "target_optimizer", None)
+        if optimizer is None:
+            return None
+        states = [optimizer.state.get(p) for p in self.net.parameters()]
+        if not all(states):
+            return None
+        beta2 = optimizer.param_groups[0]["betas"][1]
+        return torch.cat(
+            [
+                state["exp_avg_sq"].reshape(-1) / (1 - beta2 ** float(state["step"]))
+                for state in states
+            ]
+        )
+
+    def _step_sizes(self, grad: torch.Tensor, adam: torch.Tensor | None) -> torch.Tensor:
+        """Per-parameter look-ahead step sizes ``lookahead_lr / (sqrt(v) + 1e-8)``, v being
+        the larger of the Target's Adam second moment ``adam`` and the gradient squared, so
+        no parameter moves more than ``lookahead_lr`` per step.
+
+        The look-ahead then moves theta in the metric the Target trains in. Plain SGD does
+        not fit this loss: revenue-scale labels give gradients in the hundreds, and SGD at
+        any rate that moves the small-gradient parameters blows the others up. The floor at
+        the current gradient keeps a parameter with a tiny Adam estimate (a unit dead on
+        earlier batches) from taking a huge step.
+        """
+        second_moment = grad.detach().square()
+        if adam is not None:
+            second_moment = torch.maximum(second_moment, adam)
+        return self.config.lookahead_lr / (second_moment.sqrt() + 1e-8)
 
     def _hypergradient(
         self, ctx: ObsContext, upper: UpperLoss, theta_0: torch.Tensor
@@ -545,7 +585,11 @@ class BilevelLearner(UpliftLearner):
             if audit:
                 with torch.no_grad():
                     before = float(mean_over_processes(upper(self._lookahead(ctx, theta, 1))))
-            grads = unrolled_hypergradient(lower, upper, theta, phi, cfg.lookahead_lr)
+            (first_grad,) = torch.autograd.grad(lower(theta.requires_grad_(True), phi), theta)
+            step_sizes = self._step_sizes(
+                mean_over_processes(first_grad), self._adam_second_moment()
+            )
+            grads = unrolled_hypergradient(lower, upper, theta, phi, step_sizes)
             return [mean_over_processes(g) for g in grads], before
         if audit:
             with torch.no_grad():

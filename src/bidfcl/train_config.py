@@ -65,7 +65,7 @@ class TrainConfig:
     n_cg: int = 50
     cg_tol: float = 0.1
     cg_damping: float = 1.0
-    lookahead_lr: float = 1e-2
+    lookahead_lr: float = 1e-3
     bridge_lr: float = 3e-2
     bridge_hidden: tuple[int, ...] = (32,)
     bridge_warmup_epochs: int = 1
