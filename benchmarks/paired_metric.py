@@ -25,6 +25,17 @@ from bidfcl.io import atomic_write, write_json
 from bidfcl.report import paired_comparison
 
 
+def latest(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each grid point's latest run, as the report keeps it: a grid rerun at new code leaves
+    the earlier cells in the folder under their old keys."""
+    points: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for cell in sorted(cells, key=lambda c: str(c.get("finished_at"))):
+        sweep = cell.get("sweep") or {}
+        point = (cell["spec"], cell["dataset"], sweep.get("name"), sweep.get("value"))
+        points[(*point, cell.get("budget_scale"), cell["method"], cell["seed"])] = cell
+    return list(points.values())
+
+
 def per_seed(cells: list[dict[str, Any]], metric: str) -> dict[str, pd.DataFrame]:
     """dataset -> (seed x method) table of the metric (cells without it are left out)."""
     rows = [
@@ -85,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--against", nargs="+", default=["tsm-both", "tsm-obs-ft"])
     parser.add_argument("--out", type=Path, default=None, help="path stem for .md and .json")
     args = parser.parse_args(argv)
-    cells = [cell for folder in args.runs for cell in read_cells(folder)]
+    cells = latest([cell for folder in args.runs for cell in read_cells(folder)])
     result = compare(per_seed(cells, args.metric), args.against)
     text = markdown(result, args.metric, args.against)
     print(text)

@@ -361,6 +361,20 @@ class BilevelLearner(UpliftLearner):
         target_opt.step()
         self.log("train_lower", loss, on_step=False, on_epoch=True, batch_size=context.batch.n_rows)
 
+    def objective(
+        self, revenue_hat: torch.Tensor, cost_hat: torch.Tensor, batch: LoggedData
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The upper level's objective, the decision loss (on rct_val when validating), with
+        the factual MSE reported beside it: the epoch kept and early stopping follow what
+        the Bridge is tuned for. Adding ``alpha`` times the MSE, as a single-level decision
+        method's objective does, would let the MSE (hundreds against a decision loss of
+        tens) pick the epoch, and keep the Target closest to its start."""
+        mse = factual_mse(revenue_hat, cost_hat, batch.treatment, batch.revenue, batch.cost)
+        decision = self.decision_loss(
+            revenue_hat, cost_hat, batch, self.lam, self.decision_settings
+        )
+        return decision, {"mse": mse, "decision": decision}
+
     def _bridge_step(
         self, bridge_opt: torch.optim.Optimizer, ctx: ObsContext, upper: LoggedData
     ) -> None:
