@@ -221,6 +221,7 @@ def test_a_tsm_obs_ft_teacher_is_pretrained_on_obs_and_fitted_on_the_lower_rct_r
         ("bidfcl-ppl", {}),
         ("bidfcl-pifd", {}),
         ("bidfcl-ppl", {"hypergradient": "explicit", "bridge": "ipw"}),
+        ("bidfcl-ppl", {"bridge_inputs": "arm"}),
     ],
 )
 def test_bidfcl_fast_dev_run_takes_bridge_and_target_steps(
@@ -255,6 +256,41 @@ def test_bidfcl_moves_the_target_away_from_the_teacher_and_repeats_exactly(
     assert not torch.allclose(first.predict(x)[0], teacher.predict(x)[0])
     assert torch.equal(first.predict(x)[0], again.predict(x)[0])
     assert first.metadata["bilevel"]["hypergradient_steps"] == math.ceil(math.ceil(2000 / 256) / 2)
+
+
+def test_bidfcl_keeps_the_epoch_by_the_upper_objective_alone(tiny: Dataset) -> None:
+    """The validation loss that picks the epoch is the decision loss on rct_val (what the
+    Bridge is tuned for), not decision + alpha * MSE as for a single-level decision method."""
+    config = replace(TINY, method="bidfcl-ppl", max_epochs=2)
+    model = train_model(tiny, config, progress=False)
+
+    history = model.metadata["history"]
+    assert all(epoch["val_loss"] == epoch["val_decision"] for epoch in history)
+    assert all(epoch["val_mse"] > abs(epoch["val_decision"]) for epoch in history)
+    assert model.metadata["best_val_loss"] == min(epoch["val_decision"] for epoch in history)
+
+
+def test_arm_bridge_inputs_give_one_gate_per_arm_and_outcome_for_every_user(
+    tiny: Dataset,
+) -> None:
+    config = replace(TINY, method="bidfcl-ppl", bridge_inputs="arm")
+    model = UpliftModel.build(
+        tiny.logged(OBS).x,
+        tiny.meta.feature_columns,
+        tiny.meta.treatment_names,
+        config.model_config,
+    )
+    learner = BilevelLearner(model, ppl_decision, config, budget=1.0, lr=config.lr)
+    with torch.no_grad():  # a Bridge that has learned something: gates away from 0.5
+        for param in learner.bridge.parameters():
+            param.normal_(0, 0.5)
+    context = learner._context(tiny.logged(OBS), tiny.logged(RCT_TRAIN))
+
+    gates = learner._gates(dict(learner.bridge.named_parameters()), context)
+
+    assert gates.shape == (len(tiny.table(OBS)), 5, 2)
+    assert torch.equal(gates, gates[:1].expand_as(gates))  # the same for every user
+    assert gates[0].unique().numel() == 10  # but its own per arm and outcome
 
 
 def test_bidfcl_fixed_freezes_the_gates_and_picks_one_on_rct_val(tiny: Dataset) -> None:

@@ -7,7 +7,9 @@ Three networks:
   theta minimise the MSE to gated labels on OBS plus ``rct_weight`` times the factual MSE
   on the RCT rows of the lower level.
 - Bridge: an MLP of the OBS user's features, logged arm and outcomes and the Teacher/anchor
-  predictions, giving gates w in (0, 1) per user, arm and outcome (``bridge``):
+  predictions (``bridge_inputs: row``; ``arm``: of nothing, so one learned gate per arm and
+  outcome shared by all users), giving gates w in (0, 1) per user, arm and outcome
+  (``bridge``):
   - ``labels`` (default): every OBS label is w * teacher + (1 - w) * base, the base being
     the logged outcome for the logged arm (where the targeting bias enters) and, for the
     arms the user did not receive, the anchor: the Target frozen at the start of the epoch,
@@ -238,7 +240,7 @@ class ObsContext(NamedTuple):
     batch: LoggedData  # the OBS rows
     rct: LoggedData  # the lower level's RCT rows (none with rct_weight 0)
     x_scaled: torch.Tensor  # (N + N_rct, d): OBS then RCT rows, for one forward pass
-    bridge_inputs: torch.Tensor  # (N, d + 5M + 2)
+    bridge_inputs: torch.Tensor  # (N, d + 5M + 2); (N, 1) ones with bridge_inputs "arm"
     teacher: torch.Tensor  # (N, M, 2) revenue and cost
     base: torch.Tensor  # (N, M, 2) the logged outcomes at the logged arm, the anchor elsewhere
     unreceived: torch.Tensor  # (N, M) bool, arms the user was not given
@@ -313,7 +315,7 @@ class BilevelLearner(UpliftLearner):
         self.teacher = copy.deepcopy(model.net).requires_grad_(False)
         n_arms = model.n_treatments
         self.bridge = Bridge(
-            model.net.n_features + 5 * n_arms + 2,
+            model.net.n_features + 5 * n_arms + 2 if config.bridge_inputs == "row" else 1,
             n_arms,
             config.bridge_hidden,
             config.bridge != "ipw",
@@ -451,10 +453,13 @@ class BilevelLearner(UpliftLearner):
             logged = F.one_hot(obs.treatment, self.model.n_treatments).to(x_scaled.dtype)
             outcomes = torch.stack((obs.revenue, obs.cost), dim=-1).to(x_scaled.dtype)
             base = torch.where(logged.bool().unsqueeze(-1), outcomes.unsqueeze(1), anchor)
-            predictions = torch.cat([teacher, anchor], dim=-1).flatten(1)
-            inputs = torch.cat(
-                [x_scaled, logged, _signed_log(predictions), _signed_log(outcomes)], 1
-            )
+            if self.config.bridge_inputs == "row":
+                predictions = torch.cat([teacher, anchor], dim=-1).flatten(1)
+                inputs = torch.cat(
+                    [x_scaled, logged, _signed_log(predictions), _signed_log(outcomes)], 1
+                )
+            else:  # one gate per arm and outcome, whatever the row
+                inputs = torch.ones_like(x_scaled[:, :1])
             both = torch.cat([x_scaled, self.scaler(rct.x)])
         return ObsContext(obs, rct, both, inputs, teacher, base, logged == 0)
 

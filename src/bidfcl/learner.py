@@ -6,7 +6,8 @@ epoch. The checkpoint kept, and the number early stopping watches, is the epoch'
 ``rct_val`` named by ``select_by``:
 
 - ``loss`` (default): the method's own RCT objective on rct_val (factual MSE; a decision
-  method adds its decision loss at the current lambda*, as in training);
+  method adds its decision loss at the current lambda*, as in training; a bi-level method
+  scores its upper level's decision loss alone, :meth:`~bidfcl.bilevel.BilevelLearner.objective`);
 - ``eom``: the validation EOM, the paper's rule. On a small validation set its
   epoch-to-epoch noise (IPW, hard argmax) is several times the real change between epochs,
   so it stops at a lucky early epoch (benchmarks/results/methods.md).

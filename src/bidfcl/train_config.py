@@ -20,6 +20,9 @@ SELECT_BY: dict[str, tuple[str, bool]] = {"loss": ("val_loss", False), "eom": ("
 CHOICES: dict[str, tuple[str, ...]] = {
     "select_by": tuple(SELECT_BY),
     "bridge": ("labels", "gate", "ipw"),
+    # what a Bridge's gates may depend on: the OBS row (its features, logged arm, outcomes and
+    # the Teacher/anchor predictions), or only the arm and outcome (one gate each, all users)
+    "bridge_inputs": ("row", "arm"),
     "hypergradient": ("implicit", "explicit"),
     "curvature": ("gauss_newton", "hessian"),
     # the method a bidfcl-* Teacher is trained by (on the lower split of rct_train)
@@ -71,6 +74,7 @@ class TrainConfig:
     bridge_warmup_epochs: int = 1
     pseudo_label_weight: float = 1.0
     bridge: str = "labels"
+    bridge_inputs: str = "row"
     rct_weight: float = 1.0
     upper_fraction: float = 0.3
     teacher: str = "tsm-obs-ft"
