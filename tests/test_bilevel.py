@@ -301,6 +301,9 @@ def test_bidfcl_fixed_freezes_the_gates_and_picks_one_on_rct_val(tiny: Dataset) 
 
     assert frozen.metadata["bilevel"]["gate_mean_per_epoch"] == [0.5]
     assert frozen.metadata["bilevel"]["hypergradient_steps"] == 0
+    audit = replace(config, fixed_gate=0.5, audit_bridge_steps=True)
+    audited = train_model(tiny, audit, progress=False, warm_start=teacher)
+    assert audited.metadata["bilevel"]["helpful_share"] is None  # no Bridge step to judge
     chosen = fixed.metadata["fixed_gate"]
     scores = chosen["best_val_loss_by_gate"]
     assert set(scores) == set(FIXED_GATES)

@@ -708,8 +708,8 @@ def fit_bilevel(
         "skipped_steps": learner.skipped_steps,
         "helpful_share": (
             learner.helpful_steps / max(1, learner.hyper_steps - learner.skipped_steps)
-            if config.audit_bridge_steps
-            else None
+            if config.audit_bridge_steps and learner.hyper_steps > 0
+            else None  # not audited, or no Bridge step to judge (a fixed gate)
         ),
         "upper_rows": len(split.upper),
         "gate_mean_per_epoch": learner.gate_means,
