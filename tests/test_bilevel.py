@@ -221,7 +221,7 @@ def test_a_tsm_obs_ft_teacher_is_pretrained_on_obs_and_fitted_on_the_lower_rct_r
         ("bidfcl-ppl", {}),
         ("bidfcl-pifd", {}),
         ("bidfcl-ppl", {"hypergradient": "explicit", "bridge": "ipw"}),
-        ("bidfcl-ppl", {"bridge_inputs": "arm"}),
+        ("bidfcl-ppl", {"bridge_inputs": "row"}),
     ],
 )
 def test_bidfcl_fast_dev_run_takes_bridge_and_target_steps(
@@ -414,7 +414,13 @@ def test_the_learners_hypergradient_matches_finite_differences_of_its_lower_prob
     )
     model.net.double()
     model.scaler.double()
-    config = TrainConfig(method="bidfcl-ppl", hidden=(4,), activation="tanh", bridge_hidden=(4,))
+    config = TrainConfig(
+        method="bidfcl-ppl",
+        hidden=(4,),
+        activation="tanh",
+        bridge_hidden=(4,),
+        bridge_inputs="row",
+    )
     learner = BilevelLearner(model, ppl_decision, config, data.meta.budget_or_default(None), 1e-3)
     learner.bridge.double()
     learner.teacher.double()
@@ -543,6 +549,7 @@ def test_the_bridge_moves_toward_the_teacher_where_the_obs_labels_are_biased(see
         method="bidfcl-ppl",
         hidden=(16,),
         bridge_hidden=(16,),
+        bridge_inputs="row",  # gates that can tell the segments apart
         bilevel_k=10,
         lookahead_lr=0.01,
         cg_damping=0.1,

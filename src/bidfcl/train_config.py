@@ -74,7 +74,7 @@ class TrainConfig:
     bridge_warmup_epochs: int = 1
     pseudo_label_weight: float = 1.0
     bridge: str = "labels"
-    bridge_inputs: str = "row"
+    bridge_inputs: str = "arm"
     rct_weight: float = 1.0
     upper_fraction: float = 0.3
     teacher: str = "tsm-obs-ft"
