@@ -22,18 +22,14 @@ import pandas as pd
 
 from bidfcl.benchmark import read_cells
 from bidfcl.io import atomic_write, write_json
-from bidfcl.report import paired_comparison
+from bidfcl.report import cell_frame, paired_comparison
 
 
 def latest(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each grid point's latest run, as the report keeps it: a grid rerun at new code leaves
-    the earlier cells in the folder under their old keys."""
-    points: dict[tuple[Any, ...], dict[str, Any]] = {}
-    for cell in sorted(cells, key=lambda c: str(c.get("finished_at"))):
-        sweep = cell.get("sweep") or {}
-        point = (cell["spec"], cell["dataset"], sweep.get("name"), sweep.get("value"))
-        points[(*point, cell.get("budget_scale"), cell["method"], cell["seed"])] = cell
-    return list(points.values())
+    """Each grid point's latest run, as the report keeps it (:func:`~bidfcl.report.cell_frame`):
+    a grid rerun at new code leaves the earlier cells in the folder under their old keys."""
+    kept = set(cell_frame(cells)["key"])
+    return [cell for cell in cells if str(cell["key"]) in kept]
 
 
 def per_seed(cells: list[dict[str, Any]], metric: str) -> dict[str, pd.DataFrame]:

@@ -371,11 +371,8 @@ class BilevelLearner(UpliftLearner):
         the Bridge is tuned for. Adding ``alpha`` times the MSE, as a single-level decision
         method's objective does, would let the MSE (hundreds against a decision loss of
         tens) pick the epoch, and keep the Target closest to its start."""
-        mse = factual_mse(revenue_hat, cost_hat, batch.treatment, batch.revenue, batch.cost)
-        decision = self.decision_loss(
-            revenue_hat, cost_hat, batch, self.lam, self.decision_settings
-        )
-        return decision, {"mse": mse, "decision": decision}
+        _, parts = super().objective(revenue_hat, cost_hat, batch)
+        return parts["decision"], parts
 
     def _bridge_step(
         self, bridge_opt: torch.optim.Optimizer, ctx: ObsContext, upper: LoggedData

@@ -66,7 +66,7 @@ class TrainConfig:
     warm_start_epochs: int = 100
     bilevel_k: int = 5
     n_cg: int = 50
-    cg_tol: float = 0.1
+    cg_tol: float = 0.3
     cg_damping: float = 1.0
     lookahead_lr: float = 1e-3
     bridge_lr: float = 3e-2
