@@ -222,6 +222,7 @@ def test_a_tsm_obs_ft_teacher_is_pretrained_on_obs_and_fitted_on_the_lower_rct_r
         ("bidfcl-pifd", {}),
         ("bidfcl-ppl", {"hypergradient": "explicit", "bridge": "ipw"}),
         ("bidfcl-ppl", {"bridge_inputs": "row"}),
+        ("bidfcl-ppl", {"upper_estimator": "dr"}),
     ],
 )
 def test_bidfcl_fast_dev_run_takes_bridge_and_target_steps(

@@ -374,17 +374,26 @@ class BilevelLearner(UpliftLearner):
         _, parts = super().objective(revenue_hat, cost_hat, batch)
         return parts["decision"], parts
 
+    def decision_baseline(self, rows: LoggedData) -> torch.Tensor | None:
+        """``upper_estimator: dr``: the Teacher's revenue predictions. The upper rows and
+        rct_val are out of the Teacher's sample, so the doubly robust loss stays unbiased."""
+        if self.config.upper_estimator == "ipw":
+            return None
+        with torch.no_grad():
+            return self.teacher(self.scaler(rows.x))[0]
+
     def _bridge_step(
         self, bridge_opt: torch.optim.Optimizer, ctx: ObsContext, upper: LoggedData
     ) -> None:
         """One Bridge step along the hypergradient; then the look-ahead again with the new
         gates, to count whether the step lowered the upper loss on this held-out batch."""
         x_upper = self.scaler(upper.x)
+        baseline = self.decision_baseline(upper)
 
         def upper_loss(theta: torch.Tensor) -> torch.Tensor:
             revenue_hat, cost_hat = functional_call(self.net, self._unflatten(theta), (x_upper,))
             return self.decision_loss(
-                revenue_hat, cost_hat, upper, self.lam, self.decision_settings
+                revenue_hat, cost_hat, upper, self.lam, self.decision_settings, baseline
             )
 
         theta_0 = _flat(list(self.net.parameters()))

@@ -7,8 +7,8 @@ lambda* to a scalar loss, taking only the few settings the surrogates need
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -26,10 +26,20 @@ class DecisionSettings:
     dual_lambda_scales: tuple[float, ...] = (0.5, 0.75, 1.0, 1.5, 2.0)
 
 
-# (revenue_hat, cost_hat, rows, lambda*, settings) -> scalar loss on the rows (RCT: known p)
-DecisionLoss = Callable[
-    [torch.Tensor, torch.Tensor, LoggedData, float, DecisionSettings], torch.Tensor
-]
+class DecisionLoss(Protocol):
+    """(revenue_hat, cost_hat, rows, lambda*, settings) -> scalar loss on the rows (RCT: known
+    p). ``baseline``: (N, M) revenue predictions of a model that never saw the rows, for a
+    doubly robust loss; only PPL takes one."""
+
+    def __call__(
+        self,
+        revenue_hat: torch.Tensor,
+        cost_hat: torch.Tensor,
+        rows: LoggedData,
+        lam: float,
+        settings: DecisionSettings,
+        baseline: torch.Tensor | None = None,
+    ) -> torch.Tensor: ...
 
 
 def ppl_decision(
@@ -38,9 +48,17 @@ def ppl_decision(
     rows: LoggedData,
     lam: float,
     settings: DecisionSettings,
+    baseline: torch.Tensor | None = None,
 ) -> torch.Tensor:
     return ppl_loss(
-        revenue_hat, cost_hat, rows.treatment, rows.revenue, rows.propensity, lam, settings.tau
+        revenue_hat,
+        cost_hat,
+        rows.treatment,
+        rows.revenue,
+        rows.propensity,
+        lam,
+        settings.tau,
+        baseline,
     )
 
 
@@ -50,7 +68,9 @@ def pifd_decision(
     rows: LoggedData,
     lam: float,
     settings: DecisionSettings,
+    baseline: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    _ipw_only(baseline, "pifd")
     return pifd_loss(
         revenue_hat, cost_hat, rows.treatment, rows.revenue, rows.propensity, lam, settings.h
     )
@@ -62,7 +82,9 @@ def dual_pl_decision(
     rows: LoggedData,
     lam: float,
     settings: DecisionSettings,
+    baseline: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    _ipw_only(baseline, "dual-pl")
     grid = _lambda_grid(lam, settings)
     return dual_pl_loss(
         revenue_hat, cost_hat, rows.treatment, rows.revenue, rows.cost, rows.propensity, grid
@@ -75,7 +97,9 @@ def dual_ifd_decision(
     rows: LoggedData,
     lam: float,
     settings: DecisionSettings,
+    baseline: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    _ipw_only(baseline, "dual-ifd")
     grid = _lambda_grid(lam, settings)
     return dual_ifd_loss(
         revenue_hat,
@@ -87,6 +111,11 @@ def dual_ifd_decision(
         grid,
         settings.h,
     )
+
+
+def _ipw_only(baseline: torch.Tensor | None, loss: str) -> None:
+    if baseline is not None:
+        raise ValueError(f"the doubly robust upper loss is defined for PPL only, not {loss}")
 
 
 def _lambda_grid(lam: float, settings: DecisionSettings) -> torch.Tensor:

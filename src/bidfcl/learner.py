@@ -223,9 +223,19 @@ class UpliftLearner(L.LightningModule):
         if self.decision_loss is None:
             return mse, {"mse": mse}
         decision = self.decision_loss(
-            revenue_hat, cost_hat, batch, self.lam, self.decision_settings
+            revenue_hat,
+            cost_hat,
+            batch,
+            self.lam,
+            self.decision_settings,
+            self.decision_baseline(batch),
         )
         return decision + self.config.alpha * mse, {"mse": mse, "decision": decision}
+
+    def decision_baseline(self, rows: LoggedData) -> torch.Tensor | None:
+        """The revenue predictions a doubly robust decision loss centres on; None (IPW) for
+        single-level methods, whose only outcome model is the one being trained."""
+        return None
 
     def training_step(self, batch: LoggedData, batch_idx: int) -> torch.Tensor:
         self.epoch_rows += batch.n_rows

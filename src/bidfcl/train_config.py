@@ -27,6 +27,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "curvature": ("gauss_newton", "hessian"),
     # the method a bidfcl-* Teacher is trained by (on the lower split of rct_train)
     "teacher": ("tsm-rct", "tsm-obs-ft"),
+    # how a bidfcl-* upper level estimates the policy value on RCT rows
+    "upper_estimator": ("ipw", "dr"),
     # "ddp": Lightning's DDP, one process per device (launched by Lightning itself, or by
     # torchrun / SLURM, which it detects); spawn-style launchers lose the learner's state
     "strategy": ("auto", "ddp"),
@@ -77,6 +79,7 @@ class TrainConfig:
     bridge_inputs: str = "arm"
     rct_weight: float = 1.0
     upper_fraction: float = 0.3
+    upper_estimator: str = "ipw"
     teacher: str = "tsm-obs-ft"
     fixed_gate: float | None = None
     hypergradient: str = "implicit"
@@ -149,6 +152,11 @@ class TrainConfig:
             )
         if not 0 <= self.upper_fraction < 1:
             raise ValueError(f"upper_fraction must lie in [0, 1), got {self.upper_fraction}")
+        if self.upper_estimator == "dr" and self.upper_fraction == 0:
+            raise ValueError(
+                "upper_estimator dr needs upper_fraction > 0: its baseline, the Teacher, must "
+                "not have seen the upper level's rows"
+            )
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(
