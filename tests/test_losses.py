@@ -5,7 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from bidfcl.contract import LoggedData
+from bidfcl.decision import DecisionSettings, pifd_decision
 from bidfcl.losses import (
+    doubly_robust_rewards,
     dual_ifd_loss,
     dual_mer_loss,
     dual_pl_loss,
@@ -100,6 +103,82 @@ def test_ppl_matches_its_formula() -> None:
     assert ppl_loss(revenue_hat, cost_hat, lam=0.25, tau=0.7, **data).item() == pytest.approx(
         expected.item()
     )
+
+
+def test_doubly_robust_ppl_with_a_zero_baseline_is_the_ipw_ppl() -> None:
+    data = two_users()
+    revenue_hat = torch.tensor([[1.0, 2.0], [3.0, 1.0]], dtype=torch.float64)
+    cost_hat = torch.tensor([[0.0, 2.0], [0.0, 1.0]], dtype=torch.float64)
+    ipw = ppl_loss(revenue_hat, cost_hat, lam=0.25, tau=0.7, **data)
+    dr = ppl_loss(revenue_hat, cost_hat, lam=0.25, tau=0.7, baseline=torch.zeros(2, 2), **data)
+    assert dr.item() == pytest.approx(ipw.item())
+
+
+def test_doubly_robust_ppl_has_the_ipw_expectation_over_the_randomization() -> None:
+    """Averaged exactly over every arm a randomized trial could have logged (each with its
+    propensity), the DR and IPW surrogates agree for any baseline; per draw they differ."""
+    generator = torch.Generator().manual_seed(0)
+    n_users, n_arms = 6, 3
+    revenue_hat = torch.randn(n_users, n_arms, generator=generator, dtype=torch.float64)
+    cost_hat = torch.rand(n_users, n_arms, generator=generator, dtype=torch.float64)
+    outcomes = 5 * torch.rand(n_users, n_arms, generator=generator, dtype=torch.float64)
+    baseline = outcomes + torch.randn(n_users, n_arms, generator=generator, dtype=torch.float64)
+    propensity = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
+
+    def expected(with_baseline: torch.Tensor | None) -> float:
+        total = 0.0
+        for arm in range(n_arms):
+            logged = torch.full((n_users,), arm)
+            loss = ppl_loss(
+                revenue_hat,
+                cost_hat,
+                logged,
+                outcomes[:, arm],
+                propensity[logged],
+                lam=0.4,
+                tau=0.5,
+                baseline=with_baseline,
+            )
+            total += float(propensity[arm] * loss)
+        return total
+
+    assert expected(baseline) == pytest.approx(expected(None), rel=1e-12)
+    one_draw = torch.tensor([0, 1, 2, 0, 1, 2])
+    draw = {
+        "treatment": one_draw,
+        "revenue": outcomes.gather(1, one_draw[:, None]).squeeze(1),
+        "propensity": propensity[one_draw],
+    }
+    assert ppl_loss(revenue_hat, cost_hat, lam=0.4, tau=0.5, baseline=baseline, **draw) != (
+        pytest.approx(ppl_loss(revenue_hat, cost_hat, lam=0.4, tau=0.5, **draw).item())
+    )
+
+
+def test_doubly_robust_rewards_add_the_weighted_residual_on_the_logged_arm_only() -> None:
+    baseline = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], dtype=torch.float64)
+    rewards = doubly_robust_rewards(
+        torch.tensor([2, 0]),
+        torch.tensor([5.0, 2.0], dtype=torch.float64),
+        torch.tensor([0.25, 0.5], dtype=torch.float64),
+        baseline,
+    )
+    assert rewards.tolist() == [[1.0, 2.0, 3.0 + 2.0 / 0.25], [4.0 - 2.0 / 0.5, 5.0, 6.0]]
+
+
+def test_only_ppl_takes_a_doubly_robust_baseline() -> None:
+    rows = LoggedData(
+        user_id=torch.arange(2),
+        x=torch.zeros(2, 1),
+        treatment=torch.tensor([1, 0]),
+        revenue=torch.tensor([10.0, 2.0]),
+        cost=torch.tensor([1.0, 0.0]),
+        propensity=torch.tensor([0.5, 0.5]),
+        n_treatments=2,
+    )
+    with pytest.raises(ValueError, match="PPL only, not pifd"):
+        pifd_decision(
+            torch.ones(2, 2), torch.ones(2, 2), rows, 0.5, DecisionSettings(), torch.ones(2, 2)
+        )
 
 
 def test_pifd_slopes_follow_the_rules_on_hand_cases() -> None:

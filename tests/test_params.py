@@ -50,6 +50,8 @@ def test_train_settings_are_checked_when_built() -> None:
         TrainConfig(curvature="newton")
     with pytest.raises(ValueError, match="select_by must be one of"):
         TrainConfig(select_by="val_eom")
+    with pytest.raises(ValueError, match="upper_estimator dr needs upper_fraction > 0"):
+        TrainConfig(upper_estimator="dr", upper_fraction=0)
 
 
 def test_params_file_loads_with_overrides_and_none_keeps_the_file_value() -> None:
