@@ -52,6 +52,8 @@ def test_train_settings_are_checked_when_built() -> None:
         TrainConfig(select_by="val_eom")
     with pytest.raises(ValueError, match="upper_estimator dr needs upper_fraction > 0"):
         TrainConfig(upper_estimator="dr", upper_fraction=0)
+    with pytest.raises(ValueError, match="not bidfcl-pifd's"):
+        TrainConfig(method="bidfcl-pifd", upper_estimator="dr")
 
 
 def test_params_file_loads_with_overrides_and_none_keeps_the_file_value() -> None:

@@ -157,6 +157,10 @@ class TrainConfig:
                 "upper_estimator dr needs upper_fraction > 0: its baseline, the Teacher, must "
                 "not have seen the upper level's rows"
             )
+        if self.upper_estimator == "dr" and self.method == "bidfcl-pifd":
+            raise ValueError(
+                "upper_estimator dr is defined for a PPL upper level, not bidfcl-pifd's"
+            )
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(
