@@ -215,6 +215,18 @@ def test_a_tsm_obs_ft_teacher_is_pretrained_on_obs_and_fitted_on_the_lower_rct_r
     assert {p.name for p in tmp_path.iterdir()} == {"tsm-obs", "tsm-obs-ft", "bidfcl-ppl"}
 
 
+def test_a_tsm_both_teacher_pools_obs_with_the_lower_rct_rows_only(tiny: Dataset) -> None:
+    config = replace(TINY, method="bidfcl-ppl", fast_dev_run=True, teacher="tsm-both")
+
+    model = train_model(tiny, config, progress=False)
+
+    teacher = model.metadata["teacher"]
+    lower_rct = upper_level_split(tiny, config).lower.table(RCT_TRAIN)
+    assert teacher["method"] == "tsm-both"
+    assert teacher["n_train_rows"] == len(tiny.table(OBS)) + len(lower_rct)
+    assert len(lower_rct) < len(tiny.table(RCT_TRAIN))  # the upper rows stay unseen
+
+
 @pytest.mark.parametrize(
     ("method", "settings"),
     [

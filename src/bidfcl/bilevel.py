@@ -2,7 +2,8 @@
 
 Three networks:
 - Teacher: frozen, fit on RCT rows (``teacher``: tsm-obs-ft, pre-trained on OBS; or
-  tsm-rct, the RCT rows alone). Unbiased where the RCT decides, but noisy.
+  tsm-rct, the RCT rows alone; or tsm-both, pooled with OBS). Unbiased where the RCT
+  decides, but noisy; a tsm-both Teacher trades some of that noise for OBS's bias.
 - Target: the deployed UpliftNet, started from the Teacher. Lower level: its parameters
   theta minimise the MSE to gated labels on OBS plus ``rct_weight`` times the factual MSE
   on the RCT rows of the lower level.

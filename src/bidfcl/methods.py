@@ -17,8 +17,8 @@ is one entry of :data:`METHOD_SPECS`.
   data-fusion baseline practitioners reach for with a big biased log and a small trial).
 - ``bidfcl-ppl`` / ``bidfcl-pifd``: the bi-level learner of :mod:`bidfcl.bilevel` (a Bridge
   tuned by the RCT decision loss mixes a frozen Teacher into the Target's OBS labels); the
-  Teacher (``teacher``: tsm-obs-ft or tsm-rct, on the RCT rows the upper level does not
-  score on) is trained here and is also the Target's start.
+  Teacher (``teacher``: tsm-obs-ft, tsm-rct or tsm-both, on the RCT rows the upper level
+  does not score on) is trained here and is also the Target's start.
 - ``bidfcl-fixed``: the same Target with the Bridge frozen at a constant gate chosen on
   rct_val (the ablation that shows what learning the Bridge adds).
 

@@ -25,8 +25,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "bridge_inputs": ("row", "arm"),
     "hypergradient": ("implicit", "explicit"),
     "curvature": ("gauss_newton", "hessian"),
-    # the method a bidfcl-* Teacher is trained by (on the lower split of rct_train)
-    "teacher": ("tsm-rct", "tsm-obs-ft"),
+    # the method a bidfcl-* Teacher is trained by (on the lower split of rct_train, with OBS
+    # for the two that use it)
+    "teacher": ("tsm-rct", "tsm-obs-ft", "tsm-both"),
     # how a bidfcl-* upper level estimates the policy value on RCT rows
     "upper_estimator": ("ipw", "dr"),
     # "ddp": Lightning's DDP, one process per device (launched by Lightning itself, or by
