@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 from scipy import stats
 
@@ -23,6 +24,7 @@ from bidfcl.report import (
     ReportError,
     ReportSummary,
     cell_frame,
+    paired_comparison,
     write_report,
 )
 
@@ -269,6 +271,14 @@ def test_tsm_rct_normalised_eom_is_exactly_one(written: Written) -> None:
     ratio = row_of(table_of(report, "default"), "bidfcl-ppl")["eom_ratio"]
     assert ratio["mean"] == pytest.approx(expected.mean(), abs=1e-12)
     assert ratio["sd"] == pytest.approx(expected.std(ddof=1), abs=1e-12)
+
+
+def test_a_paired_comparison_counts_wins_and_exact_ties_apart() -> None:
+    per_seed = pd.DataFrame({"learned": [1.0, 2.0, 3.0, 4.0], "frozen": [1.0, 2.5, 2.0, 4.0]})
+
+    versus = paired_comparison(per_seed, "learned", "frozen")
+
+    assert (versus["wins"], versus["ties"], versus["n"]) == (1, 2, 4)
 
 
 def test_gap_closed_and_paired_test_equal_a_hand_computation(written: Written) -> None:

@@ -265,7 +265,8 @@ def paired_comparison(
     per_seed: pd.DataFrame, method: str, baseline: str | None
 ) -> dict[str, Any] | None:
     """``method`` minus ``baseline`` on the seeds both ran: mean difference, paired t-test
-    p-value (NaN with fewer than two pairs or differences without variance) and wins."""
+    p-value (NaN with fewer than two pairs or differences without variance), wins and
+    ties (seeds where both shipped the same value: often the very same model)."""
     if baseline is None:
         return None
     pairs = per_seed[[method, baseline]].dropna()
@@ -280,6 +281,7 @@ def paired_comparison(
         "mean_diff": float(difference.mean()) if len(difference) else math.nan,
         "p_value": float(p_value),
         "wins": int((difference > 0).sum()),
+        "ties": int((difference == 0).sum()),
     }
 
 
