@@ -79,7 +79,7 @@ def markdown(result: dict[str, dict[str, Any]], metric: str, against: list[str])
                     cells.append("–")
                     continue
                 p = "n/a" if math.isnan(pair["p_value"]) else f"{pair['p_value']:.3f}"
-                tied = f", {pair['ties']} tied" if pair.get("ties") else ""
+                tied = f", {pair['ties']} tied" if pair["ties"] else ""
                 cells.append(f"{pair['mean_diff']:+.3f} (p {p}, {pair['wins']}/{pair['n']}{tied})")
             lines.append(f"| {method} | {row['seeds']} | {row['mean']:.3f} | {' | '.join(cells)} |")
         lines.append("")
