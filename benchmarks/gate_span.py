@@ -22,17 +22,14 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 from scipy import stats
 
-from bidfcl.benchmark import read_cells
-from bidfcl.io import atomic_write, write_json
 from bidfcl.report import paired_comparison
-from paired_metric import latest, per_seed
+from paired_metric import per_seed, read_latest, save
 
 FROZEN_PREFIX = "bidfcl-frozen-"
 START_GATE = 0.5  # every learned gate starts here (the Bridge's last layer starts at zero)
@@ -140,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--metrics", nargs="+", default=["deployed_true_value", "true_value"])
     parser.add_argument("--out", type=Path, default=None, help="path stem for .md and .json")
     args = parser.parse_args(argv)
-    cells = latest([cell for folder in args.runs for cell in read_cells(folder)])
+    cells = read_latest(args.runs)
     result = {
         metric: {
             dataset: row
@@ -152,15 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     text = markdown(result)
     print(text)
     if args.out is not None:
-        payload = {
-            "runs": [str(folder) for folder in args.runs],
-            "code_versions": sorted({str(cell.get("code_version")) for cell in cells}),
-            "seeds": sorted({int(cell["seed"]) for cell in cells}),
-            "command": " ".join(sys.argv),
-            "result": result,
-        }
-        write_json(args.out.with_suffix(".json"), payload)
-        atomic_write(args.out.with_suffix(".md"), lambda tmp: tmp.write_text(text + "\n"))
+        save(args.out, args.runs, cells, text, result=result)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,26 @@ def latest(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [cell for cell in cells if str(cell["key"]) in kept]
 
 
+def read_latest(runs: list[Path]) -> list[dict[str, Any]]:
+    """The latest cell of every grid point in these benchmark output folders."""
+    return latest([cell for folder in runs for cell in read_cells(folder)])
+
+
+def save(
+    out: Path, runs: list[Path], cells: list[dict[str, Any]], text: str, **fields: Any
+) -> None:
+    """``out``.md (the text) and ``out``.json (``fields`` plus where the numbers came from)."""
+    payload = {
+        **fields,
+        "runs": [str(folder) for folder in runs],
+        "code_versions": sorted({str(cell.get("code_version")) for cell in cells}),
+        "seeds": sorted({int(cell["seed"]) for cell in cells}),
+        "command": " ".join(sys.argv),
+    }
+    write_json(out.with_suffix(".json"), payload)
+    atomic_write(out.with_suffix(".md"), lambda tmp: tmp.write_text(text + "\n"))
+
+
 def per_seed(cells: list[dict[str, Any]], metric: str) -> dict[str, pd.DataFrame]:
     """dataset -> (seed x method) table of the metric (cells without it are left out)."""
     rows = [
@@ -93,20 +113,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--against", nargs="+", default=["tsm-both", "tsm-obs-ft"])
     parser.add_argument("--out", type=Path, default=None, help="path stem for .md and .json")
     args = parser.parse_args(argv)
-    cells = latest([cell for folder in args.runs for cell in read_cells(folder)])
+    cells = read_latest(args.runs)
     result = compare(per_seed(cells, args.metric), args.against)
     text = markdown(result, args.metric, args.against)
     print(text)
     if args.out is not None:
-        payload = {
-            "metric": args.metric,
-            "runs": [str(folder) for folder in args.runs],
-            "code_versions": sorted({str(cell.get("code_version")) for cell in cells}),
-            "command": " ".join(sys.argv),
-            "result": result,
-        }
-        write_json(args.out.with_suffix(".json"), payload)
-        atomic_write(args.out.with_suffix(".md"), lambda tmp: tmp.write_text(text + "\n"))
+        save(args.out, args.runs, cells, text, metric=args.metric, result=result)
 
 
 if __name__ == "__main__":
