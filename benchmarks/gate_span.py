@@ -55,6 +55,7 @@ def seeds_to_detect(effect: float, sd: float) -> float:
 
 
 def gate_columns(values: pd.DataFrame) -> dict[float, str]:
+    """Frozen gate value -> its method column (``bidfcl-frozen-0.25`` -> 0.25)."""
     return {
         float(name.removeprefix(FROZEN_PREFIX)): name
         for name in values
