@@ -35,7 +35,8 @@ def test_span_finds_the_truth_best_gate_and_its_gain_over_the_start(gate_span):
         index=[0, 1, 2],
     )
     row = gate_span.span(values)
-    assert row["truth_best_gate_per_seed"] == {"0": 1.0, "1": 0.0, "2": 0.0}  # seed 2: all tie, first column
+    # seed 2: every gate ties, and the first column wins
+    assert row["truth_best_gate_per_seed"] == {"0": 1.0, "1": 0.0, "2": 0.0}
     assert row["truth_best_gain_over_0.5"]["mean"] == pytest.approx((2.0 + 1.0 + 0.0) / 3)
     assert row["spread_mean"] == pytest.approx((3.0 + 2.0 + 0.0) / 3)
     learned = row["versus_0.5"]["bidfcl-ppl"]
