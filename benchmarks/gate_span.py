@@ -39,7 +39,8 @@ POWER, ALPHA = 0.8, 0.05
 
 def minimal_detectable_effect(sd: float, n: int) -> float:
     """The mean paired difference a two-sided t-test at ALPHA detects with POWER over n pairs
-    whose differences have standard deviation ``sd`` (normal approximation of the power)."""
+    whose differences have standard deviation ``sd`` (t quantiles, the usual approximation of
+    the power)."""
     if n < 2 or not math.isfinite(sd):
         return math.nan
     return (stats.t.ppf(1 - ALPHA / 2, n - 1) + stats.t.ppf(POWER, n - 1)) * sd / math.sqrt(n)
@@ -72,7 +73,7 @@ def span(values: pd.DataFrame) -> dict[str, Any] | None:
     frozen = values[list(gates.values())].dropna()
     best = frozen.max(axis=1)
     oracle_gain = best - frozen[start]
-    best_gate = frozen.idxmax(axis=1).map(lambda name: float(name.removeprefix(FROZEN_PREFIX)))
+    best_gate = frozen.idxmax(axis=1).map({name: gate for gate, name in gates.items()})
     result: dict[str, Any] = {
         "seeds": len(frozen),
         "gate_means": {
